@@ -1,0 +1,117 @@
+"""The audit log: one JSON line per request, to stdout and optionally a file.
+
+Built as a structlog processor chain owned by the app (no global structlog configuration).
+Callers pass only safe fields: never the token, a body, a query value or a client credential.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from proxy.settings import ConfigError
+
+__all__ = ["AuditLog", "uvicorn_log_config"]
+
+
+class _LineWriter:
+    """A structlog logger that writes each rendered line to every stream and flushes it."""
+
+    def __init__(self, streams: list[IO[str]]) -> None:
+        self._streams = streams
+
+    def msg(self, line: str) -> None:
+        for stream in self._streams:
+            stream.write(line + "\n")
+            stream.flush()
+
+    info = warning = error = critical = msg
+
+
+_LEAD_KEYS = ("timestamp", "level", "event")
+
+
+def _lead_with_when_and_what(
+    logger: Any, method_name: str, event_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """Put timestamp, level and event first so a human scanning the lines reads them first."""
+    lead = {
+        key: event_dict.pop(key) for key in ("timestamp", "level", "event") if key in event_dict
+    }
+    return lead | event_dict
+
+
+def _processors() -> list[Any]:
+    return [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        _lead_with_when_and_what,
+        structlog.processors.JSONRenderer(),
+    ]
+
+
+def _open(path: Path) -> IO[str]:
+    try:
+        return path.open("a", encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(
+            "INVOISX_PROXY_LOG_FILE", f"cannot open {path}: {error.strerror}"
+        ) from None
+
+
+class AuditLog:
+    """Opens the log file and hands out the bound logger; `close()` at shutdown."""
+
+    def __init__(self, log_file: Path | None) -> None:
+        self._file = _open(log_file) if log_file else None
+        streams = [sys.stdout, *([self._file] if self._file else [])]
+        self.logger: FilteringBoundLogger = structlog.wrap_logger(
+            _LineWriter(streams),
+            processors=_processors(),
+            wrapper_class=structlog.make_filtering_bound_logger(0),
+            cache_logger_on_first_use=True,
+        )
+
+    def close(self) -> None:
+        """Close the log file, if one was opened."""
+        if self._file is not None:
+            self._file.close()
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """A logging dictConfig that renders uvicorn's own messages as JSON lines on stdout."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {
+                "()": structlog.stdlib.ProcessorFormatter,
+                "processors": [
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer(),
+                ],
+                "foreign_pre_chain": [
+                    structlog.stdlib.add_log_level,
+                    structlog.stdlib.add_logger_name,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+                ],
+            }
+        },
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stdout",
+            }
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+        },
+    }

@@ -1,0 +1,59 @@
+"""Errors the proxy answers itself, in InvoisX's own envelope.
+
+Every proxy-made error reads like one from InvoisX, so existing client code handles it:
+`{"success": false, "message": "...", "error_code": "..."}` plus an `X-Request-ID` header.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from starlette.types import Send
+
+__all__ = ["Decision", "ProxyError", "envelope", "send_error"]
+
+# `error` marks a failure inside the proxy itself (a bug), never a client or InvoisX problem.
+Decision = Literal["forwarded", "denied", "expired", "invalid", "upstream_error", "error"]
+
+
+class ProxyError(Exception):
+    """A refusal or failure that the proxy answers locally, without (more) upstream traffic."""
+
+    def __init__(
+        self,
+        status: int,
+        error_code: str,
+        message: str,
+        *,
+        decision: Decision = "invalid",
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+        self.decision: Decision = decision
+        self.extra = extra or {}
+        self.headers = headers or {}
+
+
+def envelope(error_code: str, message: str, extra: dict[str, Any] | None = None) -> bytes:
+    """The JSON body InvoisX uses for errors."""
+    body = {"success": False, "message": message, "error_code": error_code, **(extra or {})}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def send_error(send: Send, error: ProxyError, request_id: str) -> int:
+    """Send `error` as a complete response; return the number of body bytes sent."""
+    body = envelope(error.error_code, error.message, error.extra)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+        *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return len(body)

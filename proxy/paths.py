@@ -1,0 +1,67 @@
+"""Which upstream path a request target maps to, refusing anything that could escape it.
+
+Decisions are made on the raw request target (`scope["raw_path"]`), never on a decoded path
+or a URL rebuilt from the Host header, so encodings cannot smuggle a different path past us.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from proxy.errors import ProxyError
+
+__all__ = ["API_PREFIX", "Target", "parse_target"]
+
+API_PREFIX = b"/api/v1/"
+
+# Percent-decoding twice catches double encodings such as %252e%252e (a '..' after two
+# decodes) that a careless upstream or intermediary might decode again.
+_DECODE_ROUNDS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A request target that is safe to forward."""
+
+    raw: str  # below the upstream base, still percent-encoded exactly as the client sent it
+    segments: tuple[str, ...]  # decoded once, as the upstream will route it
+
+
+def _bad_path(reason: str) -> ProxyError:
+    return ProxyError(400, "BAD_REQUEST", f"The request path is not allowed: {reason}.")
+
+
+def _decode_segment(segment: bytes) -> str:
+    if any(byte <= 0x20 or byte >= 0x7F for byte in segment):
+        raise _bad_path("it contains a character that must be percent-encoded")
+    decoded = segment
+    for _ in range(_DECODE_ROUNDS):
+        decoded = unquote_to_bytes(decoded)
+        if b"/" in decoded:
+            raise _bad_path("it contains an encoded slash")
+        if b"\\" in decoded:
+            raise _bad_path("it contains a backslash")
+        if decoded == b"." or b".." in decoded:
+            raise _bad_path("it contains a dot segment")
+        if any(byte < 0x20 or byte == 0x7F for byte in decoded):
+            raise _bad_path("it contains a control character")
+    return unquote_to_bytes(segment).decode("utf-8", "replace")
+
+
+def parse_target(raw_path: bytes) -> Target:
+    """The safe upstream target for `raw_path`.
+
+    Raises 404 `NOT_FOUND` outside `/api/v1/` and 400 `BAD_REQUEST` for unsafe segments.
+    """
+    if not raw_path.startswith(API_PREFIX) or raw_path == API_PREFIX:
+        raise ProxyError(404, "NOT_FOUND", "Only /api/v1/ paths are served by this proxy.")
+    rest = raw_path[len(API_PREFIX) :]
+    parts = rest.split(b"/")
+    # A single trailing slash is harmless; any other empty segment is a '//'.
+    if parts[-1] == b"":
+        parts.pop()
+    if not all(parts):
+        raise _bad_path("it contains an empty segment")
+    segments = tuple(_decode_segment(part) for part in parts)
+    return Target(raw="/" + rest.decode("ascii"), segments=segments)

@@ -1,0 +1,148 @@
+"""Which permission a request needs, and whether the configured token may make it.
+
+InvoisX tokens carry any of four permissions. The proxy refuses locally what the token
+could not do, so a refused call never reaches InvoisX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from proxy.errors import ProxyError
+
+__all__ = [
+    "DEFAULT_RULES",
+    "METHOD_PERMISSIONS",
+    "Permission",
+    "Policy",
+    "RuleSpec",
+    "parse_permissions",
+]
+
+
+class Permission(StrEnum):
+    CREATE = "create"
+    READ = "read"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+METHOD_PERMISSIONS: dict[str, Permission] = {
+    "GET": Permission.READ,
+    "HEAD": Permission.READ,
+    "POST": Permission.CREATE,
+    "PUT": Permission.UPDATE,
+    "PATCH": Permission.UPDATE,
+    "DELETE": Permission.DELETE,
+}
+
+
+def parse_permissions(values: Iterable[str]) -> frozenset[Permission]:
+    """Turn names like `read` or ` Create ` into permissions; unknown names raise ValueError."""
+    permissions = set()
+    for value in values:
+        name = value.strip().lower()
+        if not name:
+            continue
+        try:
+            permissions.add(Permission(name))
+        except ValueError:
+            raise ValueError(f"unknown permission {value.strip()!r}") from None
+    return frozenset(permissions)
+
+
+class RuleSpec(BaseModel):
+    """One route rule from the config file: METHOD + path pattern -> permission."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    path: str
+    permission: Permission
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        method = value.upper()
+        if method not in METHOD_PERMISSIONS:
+            raise ValueError(f"unknown method {value!r}")
+        return method
+
+    @field_validator("path")
+    @classmethod
+    def _relative_pattern(cls, value: str) -> str:
+        # Patterns are written relative to the API base, so `/api/v1/...` would never match.
+        if not value.startswith("/") or value.startswith("/api/v1/"):
+            raise ValueError(f"path {value!r} must start with '/' and be relative to /api/v1")
+        return value
+
+
+# POST actions on an existing document modify it, so they need update rather than create.
+DEFAULT_RULES: tuple[RuleSpec, ...] = tuple(
+    RuleSpec(method="POST", path=f"/invoices/*/{action}", permission=Permission.UPDATE)
+    for action in ("validate", "submit", "cancel")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    method: str
+    segments: tuple[str, ...]
+    permission: Permission
+
+    def matches(self, method: str, segments: tuple[str, ...]) -> bool:
+        if method != self.method or len(segments) != len(self.segments):
+            return False
+        return all(want in ("*", got) for want, got in zip(self.segments, segments, strict=True))
+
+
+class Policy:
+    """The token's permissions and expiry plus the route rules, compiled once at start-up."""
+
+    def __init__(
+        self,
+        *,
+        granted: frozenset[Permission],
+        expires_at: datetime | None,
+        rules: Iterable[RuleSpec] = (),
+    ) -> None:
+        self.granted = granted
+        self.expires_at = expires_at
+        # Operator rules come first so they override the shipped defaults.
+        self._rules = tuple(
+            _Rule(spec.method, tuple(spec.path.strip("/").split("/")), spec.permission)
+            for spec in (*rules, *DEFAULT_RULES)
+        )
+
+    def required_permission(self, method: str, segments: tuple[str, ...]) -> Permission:
+        """The permission that `method` on the decoded upstream path `segments` needs."""
+        for rule in self._rules:
+            if rule.matches(method, segments):
+                return rule.permission
+        return METHOD_PERMISSIONS[method]
+
+    def check(self, required: Permission, now: datetime) -> None:
+        """Raise the InvoisX-shaped refusal when the token is expired or lacks `required`."""
+        if self.expires_at is not None and now >= self.expires_at:
+            raise ProxyError(
+                401,
+                "TOKEN_EXPIRED",
+                f"The InvoisX API token expired at {self.expires_at.isoformat()} "
+                "(INVOISX_TOKEN_EXPIRES_AT). Create a new token and update the proxy.",
+                decision="expired",
+            )
+        if required not in self.granted:
+            raise ProxyError(
+                403,
+                "FORBIDDEN",
+                f"This request needs the '{required}' permission, which the InvoisX token "
+                "lacks (INVOISX_TOKEN_PERMISSIONS). Grant it in the InvoisX dashboard and "
+                "add it to INVOISX_TOKEN_PERMISSIONS.",
+                decision="denied",
+                extra={"required_permission": str(required)},
+            )

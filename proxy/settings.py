@@ -1,0 +1,142 @@
+"""Settings: read once from the environment (and `.env`), validated, then passed around.
+
+The variable names are the public contract (README, `config/example.env`). A bad value stops
+start-up with one line naming the variable, via `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from proxy.policy import Permission, parse_permissions
+
+__all__ = ["MALAYSIA_TIME", "ConfigError", "Settings", "is_loopback", "load_settings"]
+
+# InvoisX is a Malaysian service; Malaysia keeps UTC+8 all year, so a fixed offset is exact.
+MALAYSIA_TIME = timezone(timedelta(hours=8), "MYT")
+
+
+class ConfigError(Exception):
+    """A setting that stops start-up; `str()` is the one line shown to the operator."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP addresses (IPv4 127/8, IPv6 ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Every setting of the proxy, from `INVOISX_*` environment variables or `.env`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
+
+    api_token: SecretStr | None = Field(None, validation_alias="INVOISX_API_TOKEN")
+    api_token_file: Path | None = Field(None, validation_alias="INVOISX_API_TOKEN_FILE")
+    api_url: str = Field("https://invoisx.com/api/v1", validation_alias="INVOISX_API_URL")
+    allow_insecure_upstream: bool = Field(
+        False, validation_alias="INVOISX_PROXY_ALLOW_INSECURE_UPSTREAM"
+    )
+    token_permissions: Annotated[frozenset[Permission], NoDecode] = Field(
+        frozenset({Permission.READ}), validation_alias="INVOISX_TOKEN_PERMISSIONS"
+    )
+    token_expires_at: datetime | None = Field(None, validation_alias="INVOISX_TOKEN_EXPIRES_AT")
+    host: str = Field("127.0.0.1", validation_alias="INVOISX_PROXY_HOST", min_length=1)
+    port: int = Field(8080, validation_alias="INVOISX_PROXY_PORT", ge=0, le=65535)
+    config: Path | None = Field(None, validation_alias="INVOISX_PROXY_CONFIG")
+    log_file: Path | None = Field(None, validation_alias="INVOISX_PROXY_LOG_FILE")
+    upstream_timeout: float = Field(30.0, validation_alias="INVOISX_PROXY_UPSTREAM_TIMEOUT", gt=0)
+    max_body_bytes: int = Field(10_485_760, validation_alias="INVOISX_PROXY_MAX_BODY_BYTES", ge=0)
+
+    @field_validator("token_permissions", mode="before")
+    @classmethod
+    def _split_permissions(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        permissions = parse_permissions(value)
+        if not permissions:
+            raise ValueError("name at least one of create, read, update, delete")
+        return permissions
+
+    @field_validator("token_expires_at", mode="before")
+    @classmethod
+    def _date_means_end_of_day(cls, value: Any) -> Any:
+        # A bare date is the day shown in the dashboard: valid through that day, Malaysia time.
+        if isinstance(value, str) and len(value.strip()) == 10:
+            day = date.fromisoformat(value.strip()) + timedelta(days=1)
+            return datetime.combine(day, time(), MALAYSIA_TIME)
+        return value
+
+    @field_validator("token_expires_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=MALAYSIA_TIME)
+        return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _plain_base_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL such as https://invoisx.com/api/v1")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must not contain credentials, a query string or a fragment")
+        return value.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _secure_upstream(self) -> Settings:
+        host = urlsplit(self.api_url).hostname or ""
+        if self.api_url.startswith("http://") and not (
+            is_loopback(host) or self.allow_insecure_upstream
+        ):
+            raise ValueError(
+                "INVOISX_API_URL: plain http:// is only allowed to a loopback host; "
+                "use https:// or set INVOISX_PROXY_ALLOW_INSECURE_UPSTREAM=true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> Settings:
+        if self.api_token is None and self.api_token_file is None:
+            raise ValueError("INVOISX_API_TOKEN: set it, or INVOISX_API_TOKEN_FILE, to the token")
+        if self.api_token is not None and self.api_token_file is not None:
+            raise ValueError("INVOISX_API_TOKEN: set either it or INVOISX_API_TOKEN_FILE, not both")
+        return self
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:
+        return message  # model-level checks already name their variable
+    field = Settings.model_fields.get(str(first["loc"][0]))
+    name = field.validation_alias if field and field.validation_alias else first["loc"][0]
+    return f"{name}: {message}"
+
+
+def load_settings(env_file: str | None = ".env", **overrides: Any) -> Settings:
+    """Build settings from the environment, `env_file` and `overrides` (CLI flags win)."""
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as error:
+        line = _one_line(error)
+        setting, _, message = line.partition(": ")
+        raise ConfigError(setting, message) from None

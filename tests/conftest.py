@@ -1,0 +1,190 @@
+"""Shared fixtures: real servers on loopback sockets, a recording InvoisX stand-in, the proxy.
+
+Nothing here mocks httpx or Starlette: every test talks HTTP to a uvicorn server on
+127.0.0.1 with a port the OS picked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from proxy.app import create_app
+from proxy.cli import server_config
+from proxy.settings import load_settings
+
+TOKEN = "ixt_live_7Qw9xZ2mK4pL8sV1nB6cR3tY5uH0jD"
+
+
+@contextmanager
+def run_server(config: uvicorn.Config) -> Iterator[str]:
+    """Serve `config` (port 0) in a thread; yield its base URL once it accepts connections."""
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@dataclass
+class Recorded:
+    """One request as the stand-in InvoisX received it."""
+
+    method: str
+    raw_path: bytes
+    query_string: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        wanted = name.lower().encode()
+        return [value.decode("latin-1") for key, value in self.headers if key == wanted]
+
+
+@dataclass
+class Reply:
+    """What the stand-in answers: status, headers and a body sent as the given chunks."""
+
+    status: int = 200
+    headers: list[tuple[bytes, bytes]] = field(
+        default_factory=lambda: [(b"content-type", b"application/json")]
+    )
+    chunks: Iterable[bytes] = (b'{"success":true,"data":[]}',)
+    delay: float = 0.0
+
+
+class Recorder:
+    """A stand-in InvoisX that records every request and answers with `reply(request)`."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.reply: Callable[[Recorded], Reply] = lambda request: Reply()
+        self.disconnects = 0
+        self.incomplete = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # The request never completed, so a real server would not act on it.
+                self.incomplete += 1
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        request = Recorded(
+            scope["method"], scope["raw_path"], scope["query_string"], scope["headers"], bytes(body)
+        )
+        self.requests.append(request)
+        reply = self.reply(request)
+        if reply.delay and await self._client_left_within(receive, reply.delay):
+            return
+        await send(
+            {"type": "http.response.start", "status": reply.status, "headers": reply.headers}
+        )
+        for chunk in reply.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _client_left_within(self, receive: Receive, seconds: float) -> bool:
+        try:
+            message = await asyncio.wait_for(receive(), seconds)
+        except TimeoutError:
+            return False
+        if message["type"] == "http.disconnect":
+            self.disconnects += 1
+            return True
+        return False
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    log_path: Path
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+    def audit_lines(self, at_least: int = 0) -> list[dict[str, Any]]:
+        # A line is written just after its response is sent; give the server a moment.
+        deadline = time.monotonic() + 5
+        while True:
+            lines = [line for line in self.log_lines() if line["event"] == "request"]
+            if len(lines) >= at_least or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.01)
+
+    def last_audit(self) -> dict[str, Any]:
+        return self.audit_lines(at_least=1)[-1]
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No INVOISX_* variable from the developer's shell may leak into a test."""
+    for name in list(os.environ):
+        if name.startswith("INVOISX_"):
+            monkeypatch.delenv(name)
+
+
+def _serve(app: ASGIApp) -> uvicorn.Config:
+    return uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off")
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[Recorder, str]]:
+    """The recording stand-in and its API base URL (`.../api/v1`)."""
+    stand_in = Recorder()
+    with run_server(_serve(stand_in)) as url:
+        yield stand_in, f"{url}/api/v1"
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
+    """Start the proxy in front of `api_url`; keyword arguments are settings overrides."""
+    numbers = itertools.count()
+    with ExitStack() as stack:
+
+        def start(api_url: str, **overrides: Any) -> RunningProxy:
+            log_path = tmp_path / f"audit-{next(numbers)}.log"
+            values: dict[str, Any] = {
+                "api_token": TOKEN,
+                "api_url": api_url,
+                "log_file": log_path,
+                "token_permissions": "create,read,update,delete",
+            }
+            settings = load_settings(env_file=None, **(values | overrides))
+            config = server_config(create_app(settings), settings, port=0, log_config=None)
+            url = stack.enter_context(run_server(config))
+            return RunningProxy(url=url, log_path=log_path)
+
+        yield start
+
+
+@pytest.fixture
+def proxy(recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]) -> RunningProxy:
+    """The proxy with every permission, in front of the recording stand-in."""
+    return start_proxy(recorder[1])

@@ -1,0 +1,133 @@
+"""The audit log: one JSON line per request with the agreed fields, and nothing secret."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+
+import httpx
+
+from proxy.credentials import fingerprint
+from tests.conftest import TOKEN, Recorder, Reply, RunningProxy
+
+Upstream = tuple[Recorder, str]
+
+FIELDS = {
+    "timestamp",
+    "level",
+    "event",
+    "request_id",
+    "client",
+    "method",
+    "path",
+    "query_keys",
+    "status",
+    "decision",
+    "required_permission",
+    "error_code",
+    "duration_ms",
+    "upstream_ms",
+    "bytes_in",
+    "bytes_out",
+    "token_fingerprint",
+}
+
+
+def test_forwarded_line_has_every_field(proxy: RunningProxy) -> None:
+    response = httpx.get(
+        f"{proxy.url}/api/v1/buyers",
+        params={"search": "secret-buyer-name", "page": "3"},
+        headers={"X-Request-ID": "erp-42.7"},
+    )
+    assert response.headers["x-request-id"] == "erp-42.7"
+    line = proxy.last_audit()
+    assert set(line) == FIELDS
+    assert line["event"] == "request"
+    assert line["request_id"] == "erp-42.7"
+    assert line["client"] == "127.0.0.1"
+    assert (line["method"], line["path"]) == ("GET", "/api/v1/buyers")
+    assert line["query_keys"] == ["page", "search"]
+    assert (line["status"], line["decision"], line["error_code"]) == (200, "forwarded", None)
+    assert line["required_permission"] == "read"
+    assert line["token_fingerprint"] == fingerprint(TOKEN)
+    assert line["bytes_out"] == len(response.content)
+    assert 0 <= line["upstream_ms"] <= line["duration_ms"]
+    stamp = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    assert stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0
+    assert "secret-buyer-name" not in proxy.log_path.read_text()
+
+
+def test_unsafe_request_id_is_replaced(proxy: RunningProxy) -> None:
+    response = httpx.get(f"{proxy.url}/api/v1/buyers", headers={"X-Request-ID": 'a b"}'})
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
+    assert proxy.last_audit()["request_id"] == response.headers["x-request-id"]
+
+
+def test_invoisx_error_code_is_recorded(proxy: RunningProxy, recorder: Upstream) -> None:
+    stand_in, _ = recorder
+    stand_in.reply = lambda request: Reply(
+        status=422,
+        chunks=[b'{"success":false,"message":"m","error_code":"DOCUMENT_NOT_READY"}'],
+    )
+    httpx.post(f"{proxy.url}/api/v1/invoices/1/submit")
+    line = proxy.last_audit()
+    assert (line["status"], line["error_code"], line["decision"]) == (
+        422,
+        "DOCUMENT_NOT_READY",
+        "forwarded",
+    )
+
+
+def test_odd_error_codes_are_not_copied_into_the_log(
+    proxy: RunningProxy, recorder: Upstream
+) -> None:
+    stand_in, _ = recorder
+    stand_in.reply = lambda request: Reply(status=500, chunks=[b'{"error_code":"a b\\nc"}'])
+    httpx.get(f"{proxy.url}/api/v1/buyers")
+    assert proxy.last_audit()["error_code"] is None
+
+
+def test_nothing_secret_in_any_response_or_log_line(
+    recorder: Upstream, start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    proxy = start_proxy(upstream, token_permissions="read")
+    client_secret = "client-sent-credential-value"
+    body_secret = "body-content-never-logged"
+    responses = [
+        httpx.get(
+            f"{proxy.url}/api/v1/buyers?tin=C12345678901",
+            headers={"Authorization": f"Bearer {client_secret}"},
+        ),
+        httpx.post(f"{proxy.url}/api/v1/buyers", content=body_secret),
+        httpx.delete(f"{proxy.url}/api/v1/buyers/1"),
+        httpx.get(f"{proxy.url}/api/v1/../etc"),
+        httpx.get(f"{proxy.url}/elsewhere"),
+        httpx.request("TRACE", f"{proxy.url}/api/v1/buyers"),
+        httpx.get(f"{proxy.url}/healthz"),
+    ]
+    stand_in.reply = lambda request: Reply(
+        status=401,
+        chunks=[b'{"success":false,"message":"Unauthenticated.","error_code":"UNAUTHORIZED"}'],
+    )
+    responses.append(httpx.get(f"{proxy.url}/api/v1/invoices"))
+    for response in responses:
+        assert TOKEN not in response.text
+        assert all(TOKEN not in value for value in response.headers.values())
+    # /healthz is not an API call, so it has no audit line.
+    assert len(proxy.audit_lines(at_least=len(responses) - 1)) == len(responses) - 1
+    log = proxy.log_path.read_text()
+    for secret in (TOKEN, client_secret, body_secret, "C12345678901"):
+        assert secret not in log
+
+
+def test_startup_and_shutdown_are_logged_as_json(
+    recorder: Upstream, start_proxy: Callable[..., RunningProxy]
+) -> None:
+    proxy = start_proxy(recorder[1])
+    events = [line["event"] for line in proxy.log_lines()]
+    assert events == ["startup"]
+    startup = proxy.log_lines()[0]
+    assert startup["token_fingerprint"] == fingerprint(TOKEN)
+    assert startup["upstream"] == recorder[1]

@@ -1,0 +1,301 @@
+"""Forwarding through real sockets: headers injected and stripped, bodies byte-exact."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import socket
+import time
+
+import httpx
+import pytest
+
+from proxy.forward import request_headers, response_headers
+from tests.conftest import TOKEN, Recorded, Recorder, Reply, RunningProxy
+
+Upstream = tuple[Recorder, str]
+
+
+def test_injects_token_and_json_headers(proxy: RunningProxy, recorder: Upstream) -> None:
+    stand_in, _ = recorder
+    response = httpx.get(f"{proxy.url}/api/v1/buyers", params={"search": "acme", "page": "2"})
+    assert response.status_code == 200
+    seen = stand_in.requests[-1]
+    assert seen.method == "GET"
+    assert seen.raw_path == b"/api/v1/buyers"
+    assert seen.query_string == b"search=acme&page=2"
+    assert seen.header("authorization") == [f"Bearer {TOKEN}"]
+    assert seen.header("accept") == ["application/json"]
+    assert seen.header("content-type") == []
+    assert seen.header("x-request-id") == [response.headers["x-request-id"]]
+
+
+def test_client_accept_kept_unless_wildcard(proxy: RunningProxy, recorder: Upstream) -> None:
+    stand_in, _ = recorder
+    httpx.get(f"{proxy.url}/api/v1/invoices/1/pdf", headers={"Accept": "application/pdf"})
+    assert stand_in.requests[-1].header("accept") == ["application/pdf"]
+    httpx.get(f"{proxy.url}/api/v1/invoices", headers={"Accept": "*/*"})
+    assert stand_in.requests[-1].header("accept") == ["application/json"]
+
+
+def test_body_gets_json_content_type_when_missing(proxy: RunningProxy, recorder: Upstream) -> None:
+    stand_in, _ = recorder
+    httpx.post(f"{proxy.url}/api/v1/buyers", content=b'{"name":"A"}')
+    assert stand_in.requests[-1].header("content-type") == ["application/json"]
+    httpx.post(f"{proxy.url}/api/v1/buyers", content=b"a=1", headers={"Content-Type": "text/plain"})
+    assert stand_in.requests[-1].header("content-type") == ["text/plain"]
+
+
+def test_client_credentials_and_routing_headers_never_reach_upstream(
+    proxy: RunningProxy, recorder: Upstream
+) -> None:
+    stand_in, upstream = recorder
+    sent = {
+        "Authorization": "Bearer client-supplied-token",
+        "Proxy-Authorization": "Basic cHJveHk6cHc=",
+        "Cookie": "session=abc",
+        "Forwarded": "for=10.0.0.1;host=evil.example",
+        "X-Forwarded-For": "10.0.0.1",
+        "X-Forwarded-Host": "evil.example",
+        "X-Forwarded-Proto": "http",
+        "X-Real-IP": "10.0.0.1",
+        "X-Proxy-Key": "client-key",
+        "Host": "evil.example",
+        "Connection": "keep-alive, X-Secret-Hop",
+        "X-Secret-Hop": "must-not-pass",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Upgrade": "websocket",
+        "X-Custom": "kept",
+        "User-Agent": "erp-job/1.0",
+    }
+    httpx.get(f"{proxy.url}/api/v1/buyers", headers=sent)
+    seen = stand_in.requests[-1]
+    names = {name for name, _ in seen.headers}
+    for dropped in (
+        b"proxy-authorization",
+        b"cookie",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"x-proxy-key",
+        b"x-secret-hop",
+        b"keep-alive",
+        b"te",
+        b"upgrade",
+    ):
+        assert dropped not in names
+    assert seen.header("authorization") == [f"Bearer {TOKEN}"]
+    assert seen.header("host") == [upstream.split("/")[2]]
+    assert seen.header("x-custom") == ["kept"]
+    assert seen.header("user-agent") == ["erp-job/1.0"]
+
+
+def test_response_passes_through_minus_cookies_and_hop_headers(
+    proxy: RunningProxy, recorder: Upstream
+) -> None:
+    stand_in, _ = recorder
+    stand_in.reply = lambda request: Reply(
+        status=422,
+        headers=[
+            (b"content-type", b"application/json"),
+            (b"x-ratelimit-limit", b"60"),
+            (b"x-ratelimit-remaining", b"41"),
+            (b"x-ratelimit-reset", b"1767225600"),
+            (b"retry-after", b"60"),
+            (b"set-cookie", b"laravel_session=secret; HttpOnly"),
+            (b"connection", b"x-upstream-hop"),
+            (b"x-upstream-hop", b"1"),
+        ],
+        chunks=[b'{"success":false,"message":"The given data was invalid.",', b'"errors":{}}'],
+    )
+    response = httpx.post(f"{proxy.url}/api/v1/buyers", json={})
+    assert response.status_code == 422
+    assert response.content == (
+        b'{"success":false,"message":"The given data was invalid.","errors":{}}'
+    )
+    assert response.headers["x-ratelimit-limit"] == "60"
+    assert response.headers["x-ratelimit-remaining"] == "41"
+    assert response.headers["x-ratelimit-reset"] == "1767225600"
+    assert response.headers["retry-after"] == "60"
+    assert "set-cookie" not in response.headers
+    assert "x-upstream-hop" not in response.headers
+    assert response.headers["x-request-id"]
+
+
+def test_no_content_passes_through(proxy: RunningProxy, recorder: Upstream) -> None:
+    stand_in, _ = recorder
+    stand_in.reply = lambda request: Reply(status=204, headers=[], chunks=())
+    response = httpx.delete(f"{proxy.url}/api/v1/buyers/9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d")
+    assert response.status_code == 204
+    assert response.content == b""
+    assert stand_in.requests[-1].method == "DELETE"
+
+
+def test_gzip_body_is_passed_as_is(proxy: RunningProxy, recorder: Upstream) -> None:
+    stand_in, _ = recorder
+    payload = b'{"success":true,"data":[' + b'{"name":"Acme"},' * 500 + b"{}]}"
+    compressed = gzip.compress(payload)
+    stand_in.reply = lambda request: Reply(
+        headers=[(b"content-type", b"application/json"), (b"content-encoding", b"gzip")],
+        chunks=[compressed],
+    )
+    with httpx.Client() as client, client.stream("GET", f"{proxy.url}/api/v1/buyers") as response:
+        raw = b"".join(response.iter_raw())
+        assert response.headers["content-encoding"] == "gzip"
+    assert raw == compressed
+    assert gzip.decompress(raw) == payload
+
+
+def test_upstream_sees_no_accept_encoding_the_client_did_not_send(
+    proxy: RunningProxy, recorder: Upstream
+) -> None:
+    stand_in, _ = recorder
+    with socket.create_connection(proxy.url.removeprefix("http://").split(":")) as raw:
+        raw.sendall(b"GET /api/v1/buyers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        while raw.recv(65536):
+            pass
+    assert stand_in.requests[-1].header("accept-encoding") == []
+
+
+def test_several_megabytes_both_ways_byte_exact(proxy: RunningProxy, recorder: Upstream) -> None:
+    stand_in, _ = recorder
+    upload = os.urandom(6 * 1024 * 1024)
+    download = os.urandom(7 * 1024 * 1024)
+    stand_in.reply = lambda request: Reply(
+        headers=[(b"content-type", b"application/octet-stream")],
+        chunks=[download[i : i + 65536] for i in range(0, len(download), 65536)],
+    )
+
+    def chunks() -> object:
+        for i in range(0, len(upload), 100_000):
+            yield upload[i : i + 100_000]
+
+    response = httpx.post(
+        f"{proxy.url}/api/v1/invoices/import",
+        content=chunks(),
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert hashlib.sha256(response.content).digest() == hashlib.sha256(download).digest()
+    assert hashlib.sha256(stand_in.requests[-1].body).digest() == hashlib.sha256(upload).digest()
+    line = proxy.last_audit()
+    assert (line["bytes_in"], line["bytes_out"]) == (len(upload), len(download))
+
+
+def test_body_over_limit_by_content_length_is_refused(
+    recorder: Upstream, start_proxy: object
+) -> None:
+    stand_in, upstream = recorder
+    proxy = start_proxy(upstream, max_body_bytes=1000)  # type: ignore[operator]
+    response = httpx.post(f"{proxy.url}/api/v1/buyers", content=b"x" * 1001)
+    assert response.status_code == 413
+    assert response.json()["error_code"] == "PAYLOAD_TOO_LARGE"
+    assert stand_in.requests == []
+    ok = httpx.post(f"{proxy.url}/api/v1/buyers", content=b"x" * 1000)
+    assert ok.status_code == 200
+
+
+def test_chunked_body_over_limit_is_refused(recorder: Upstream, start_proxy: object) -> None:
+    stand_in, upstream = recorder
+    proxy = start_proxy(upstream, max_body_bytes=100_000)  # type: ignore[operator]
+
+    def chunks() -> object:
+        for _ in range(30):
+            yield b"y" * 10_000
+
+    response = httpx.post(f"{proxy.url}/api/v1/buyers", content=chunks())
+    assert response.status_code == 413
+    assert response.json()["error_code"] == "PAYLOAD_TOO_LARGE"
+    line = proxy.last_audit()
+    assert line["decision"] == "invalid"
+    assert line["bytes_in"] < 300_000  # stopped near the limit, not after the whole body
+    # Streaming means the upload had started; it is aborted, never completed upstream.
+    assert stand_in.requests == []
+
+
+def test_upstream_down_is_502(start_proxy: object) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    proxy = start_proxy(f"http://127.0.0.1:{port}/api/v1")  # type: ignore[operator]
+    response = httpx.get(f"{proxy.url}/api/v1/buyers")
+    assert response.status_code == 502
+    assert response.json() == {
+        "success": False,
+        "message": "InvoisX could not be reached. Try again shortly.",
+        "error_code": "UPSTREAM_UNAVAILABLE",
+    }
+    assert response.headers["x-request-id"]
+    assert proxy.last_audit()["decision"] == "upstream_error"
+
+
+def test_slow_upstream_is_504(recorder: Upstream, start_proxy: object) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = lambda request: Reply(delay=2.0)
+    proxy = start_proxy(upstream, upstream_timeout=0.3)  # type: ignore[operator]
+    started = time.monotonic()
+    response = httpx.get(f"{proxy.url}/api/v1/buyers")
+    assert time.monotonic() - started < 1.5
+    assert response.status_code == 504
+    assert response.json()["error_code"] == "UPSTREAM_TIMEOUT"
+    line = proxy.last_audit()
+    assert (line["status"], line["decision"]) == (504, "upstream_error")
+
+
+def test_client_disconnect_cancels_upstream_request(
+    proxy: RunningProxy, recorder: Upstream
+) -> None:
+    stand_in, _ = recorder
+    stand_in.reply = lambda request: Reply(delay=5.0)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{proxy.url}/api/v1/buyers", timeout=0.3)
+    deadline = time.monotonic() + 3
+    while stand_in.disconnects == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stand_in.disconnects == 1
+    line = proxy.last_audit()
+    assert (line["status"], line["error_code"]) == (499, "CLIENT_DISCONNECTED")
+
+
+def test_upstream_reset_mid_body_closes_client_connection(
+    proxy: RunningProxy, recorder: Upstream
+) -> None:
+    stand_in, _ = recorder
+
+    def broken() -> object:
+        yield b'{"success":true,'
+        raise RuntimeError("stand-in dies mid-body")
+
+    stand_in.reply = lambda request: Reply(
+        headers=[(b"content-type", b"application/json"), (b"content-length", b"1000")],
+        chunks=broken(),
+    )
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"{proxy.url}/api/v1/buyers")
+    line = proxy.last_audit()
+    assert (line["status"], line["decision"]) == (200, "upstream_error")
+    assert httpx.get(f"{proxy.url}/healthz").status_code == 200
+
+
+def test_request_header_helpers_are_pure() -> None:
+    headers = [(b"Connection", b"close, X-A"), (b"X-A", b"1"), (b"Accept", b"text/csv")]
+    out = request_headers(headers, b"Bearer t", has_body=False, request_id="r1")
+    assert out == [
+        (b"accept", b"text/csv"),
+        (b"x-request-id", b"r1"),
+        (b"authorization", b"Bearer t"),
+    ]
+    assert response_headers([(b"Set-Cookie", b"a=b"), (b"ETag", b'"1"')], "r2") == [
+        (b"etag", b'"1"'),
+        (b"x-request-id", b"r2"),
+    ]
+
+
+def test_recorded_helper_reads_headers() -> None:
+    seen = Recorded("GET", b"/", b"", [(b"a", b"1"), (b"a", b"2")], b"")
+    assert seen.header("A") == ["1", "2"]
