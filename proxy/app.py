@@ -38,7 +38,7 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=500, media_type="application/json")
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> Starlette:
     """Build the app; raises `ConfigError` for a bad token, config file or log file."""
     token = load_token(settings)
     config = load_config_file(settings.config)
@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> Starlette:
         expires_at=settings.token_expires_at,
         rules=config.rules,
     )
-    audit = AuditLog(settings.log_file)
+    audit = AuditLog(settings.log_file, to_stdout=audit_to_stdout)
     # trust_env=False: no proxy variables or .netrc may redirect or re-authenticate our calls.
     client = httpx.AsyncClient(
         timeout=settings.upstream_timeout,

@@ -66,9 +66,9 @@ def _open(path: Path) -> IO[str]:
 class AuditLog:
     """Opens the log file and hands out the bound logger; `close()` at shutdown."""
 
-    def __init__(self, log_file: Path | None) -> None:
+    def __init__(self, log_file: Path | None, *, to_stdout: bool = True) -> None:
         self._file = _open(log_file) if log_file else None
-        streams = [sys.stdout, *([self._file] if self._file else [])]
+        streams = [*([sys.stdout] if to_stdout else []), *([self._file] if self._file else [])]
         self.logger: FilteringBoundLogger = structlog.wrap_logger(
             _LineWriter(streams),
             processors=_processors(),

@@ -3,51 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 import uvicorn
-from starlette.types import ASGIApp
 
 from proxy import __version__
 from proxy.app import create_app
-from proxy.audit import uvicorn_log_config
+from proxy.demo import run_demo, run_sandbox
+from proxy.serving import run_until_signalled, server_config
 from proxy.settings import ConfigError, Settings, load_settings
 
-__all__ = ["main", "serve", "server_config"]
-
-
-def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.Config:
-    """The uvicorn configuration the proxy runs with; `options` override (tests use this)."""
-    defaults: dict[str, Any] = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_config": uvicorn_log_config(),
-        # The access log would print query strings; the audit log replaces it.
-        "access_log": False,
-        # The peer address is the audit log's client identity: never let a header rewrite it.
-        "proxy_headers": False,
-        "server_header": False,
-        # InvoisX's own Date header passes through; a second one would be confusing.
-        "date_header": False,
-    }
-    return uvicorn.Config(app, **(defaults | options))
-
-
-def _exit_zero(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
-def run_until_signalled(server: uvicorn.Server) -> None:
-    """Run `server` until SIGINT or SIGTERM, then let the process exit with status 0."""
-    # uvicorn shuts down gracefully, then re-raises the signal it caught to the handler that
-    # was there before it; these make that a normal exit instead of a kill or a traceback.
-    signal.signal(signal.SIGINT, _exit_zero)
-    signal.signal(signal.SIGTERM, _exit_zero)
-    server.run()
+__all__ = ["main", "serve"]
 
 
 def serve(settings: Settings) -> None:
@@ -66,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="listen address (INVOISX_PROXY_HOST)")
     run.add_argument("--port", type=int, help="listen port (INVOISX_PROXY_PORT)")
     run.add_argument("--config", help="TOML rules file (INVOISX_PROXY_CONFIG)")
+    demo = commands.add_parser("demo", help="the proxy in front of a local InvoisX sandbox")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.add_argument("--tour", action="store_true", help="run the tour through it, then exit")
+    sandbox = commands.add_parser("sandbox", help="only the local InvoisX sandbox")
+    sandbox.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
+    sandbox.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
+    sandbox.add_argument(
+        "--rate-limit", type=int, default=60, help="requests per minute per token, 0 = off"
+    )
     return parser
 
 
@@ -75,12 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = _parser().parse_args(argv)
-    overrides: dict[str, Any] = {
-        name: value
-        for name, value in (("host", args.host), ("port", args.port), ("config", args.config))
-        if value is not None
-    }
     try:
+        if args.command == "demo":
+            return run_demo(args.port, tour=args.tour)
+        if args.command == "sandbox":
+            run_sandbox(args.host, args.port, args.rate_limit)
+            return 0
+        overrides: dict[str, Any] = {
+            name: value
+            for name, value in (("host", args.host), ("port", args.port), ("config", args.config))
+            if value is not None
+        }
         serve(load_settings(**overrides))
     except ConfigError as error:
         print(f"invoisx-proxy: {error}", file=sys.stderr)

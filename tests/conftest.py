@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.app import create_app
-from proxy.cli import server_config
+from proxy.sandbox import SandboxToken, create_sandbox_app, new_token_value
+from proxy.serving import bind, server_config, serving_in_thread
 from proxy.settings import load_settings
 
 TOKEN = "ixt_live_7Qw9xZ2mK4pL8sV1nB6cR3tY5uH0jD"
@@ -31,21 +32,14 @@ TOKEN = "ixt_live_7Qw9xZ2mK4pL8sV1nB6cR3tY5uH0jD"
 
 @contextmanager
 def run_server(config: uvicorn.Config) -> Iterator[str]:
-    """Serve `config` (port 0) in a thread; yield its base URL once it accepts connections."""
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    """Serve `config` on a free loopback port in a thread; yield its base URL once listening."""
+    with serving_in_thread(config, bind("127.0.0.1", 0)) as url:
+        yield url
+
+
+def loopback_config(app: ASGIApp) -> uvicorn.Config:
+    """uvicorn settings for a stand-in server: quiet, no lifespan."""
+    return uvicorn.Config(app, log_config=None, lifespan="off")
 
 
 @dataclass
@@ -139,7 +133,19 @@ class RunningProxy:
             time.sleep(0.01)
 
     def last_audit(self) -> dict[str, Any]:
+        """The newest audit line; only for tests that made one request to the proxy."""
         return self.audit_lines(at_least=1)[-1]
+
+    def audit_of(self, response: httpx.Response) -> dict[str, Any]:
+        """The audit line of `response`, found by its X-Request-ID."""
+        request_id = response.headers["x-request-id"]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for line in self.audit_lines():
+                if line["request_id"] == request_id:
+                    return line
+            time.sleep(0.01)
+        raise AssertionError(f"no audit line for request {request_id}")
 
 
 @pytest.fixture(autouse=True)
@@ -150,15 +156,11 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def _serve(app: ASGIApp) -> uvicorn.Config:
-    return uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off")
-
-
 @pytest.fixture
 def recorder() -> Iterator[tuple[Recorder, str]]:
     """The recording stand-in and its API base URL (`.../api/v1`)."""
     stand_in = Recorder()
-    with run_server(_serve(stand_in)) as url:
+    with run_server(loopback_config(stand_in)) as url:
         yield stand_in, f"{url}/api/v1"
 
 
@@ -177,7 +179,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
                 "token_permissions": "create,read,update,delete",
             }
             settings = load_settings(env_file=None, **(values | overrides))
-            config = server_config(create_app(settings), settings, port=0, log_config=None)
+            config = server_config(create_app(settings), settings, log_config=None)
             url = stack.enter_context(run_server(config))
             return RunningProxy(url=url, log_path=log_path)
 
@@ -188,3 +190,26 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
 def proxy(recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]) -> RunningProxy:
     """The proxy with every permission, in front of the recording stand-in."""
     return start_proxy(recorder[1])
+
+
+@dataclass
+class Sandbox:
+    """A running sandbox InvoisX: its app (for state), API base URL and one token."""
+
+    app: Any
+    url: str
+    token: SandboxToken
+
+
+@pytest.fixture
+def start_sandbox_upstream() -> Iterator[Callable[..., Sandbox]]:
+    """Start a sandbox InvoisX with one token; keyword arguments go to `create_sandbox_app`."""
+    with ExitStack() as stack:
+
+        def start(permissions: str = "create,read,update,delete", **options: Any) -> Sandbox:
+            token = SandboxToken(new_token_value(), "tests", frozenset(permissions.split(",")))
+            app = create_sandbox_app([token], **options)
+            url = stack.enter_context(run_server(loopback_config(app)))
+            return Sandbox(app=app, url=f"{url}/api/v1", token=token)
+
+        yield start

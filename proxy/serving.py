@@ -1,0 +1,92 @@
+"""Running uvicorn servers: on a pre-bound socket, in a thread, stopped cleanly.
+
+The demo runs the sandbox and the proxy side by side this way, and the tests use the same
+helpers, so what the tests start is what users start.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from proxy.audit import uvicorn_log_config
+from proxy.settings import Settings
+
+__all__ = ["bind", "run_until_signalled", "server_config", "serving_in_thread"]
+
+
+def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.Config:
+    """The uvicorn configuration the proxy runs with; `options` override (tests use this)."""
+    defaults: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": uvicorn_log_config(),
+        # The access log would print query strings; the audit log replaces it.
+        "access_log": False,
+        # The peer address is the audit log's client identity: never let a header rewrite it.
+        "proxy_headers": False,
+        "server_header": False,
+        # InvoisX's own Date header passes through; a second one would be confusing.
+        "date_header": False,
+    }
+    return uvicorn.Config(app, **(defaults | options))
+
+
+def _exit_zero(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def run_until_signalled(server: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
+    """Run `server` in this (main) thread until SIGINT or SIGTERM; the process then exits 0."""
+    # uvicorn shuts down gracefully, then re-raises the signal it caught to the handler that
+    # was there before it; these make that a normal exit instead of a kill or a traceback.
+    signal.signal(signal.SIGINT, _exit_zero)
+    signal.signal(signal.SIGTERM, _exit_zero)
+    server.run(sockets=sockets)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on `host:port` (port 0 picks a free one); OSError if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@contextmanager
+def serving_in_thread(config: uvicorn.Config, sock: socket.socket) -> Iterator[str]:
+    """Serve `config` on `sock` from a background thread; yield the base URL once it listens."""
+    server = uvicorn.Server(config)
+    # Not the main thread, so uvicorn installs no signal handlers: the caller owns the signals.
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {_url(sock)} did not start")
+            time.sleep(0.005)
+        yield _url(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
