@@ -6,13 +6,24 @@ import gzip
 import hashlib
 import os
 import socket
+import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
 from proxy.forward import request_headers, response_headers
-from tests.conftest import TOKEN, Recorded, Recorder, Reply, RunningProxy
+from tests.conftest import (
+    TOKEN,
+    Recorded,
+    Recorder,
+    Reply,
+    RunningProxy,
+    loopback_config,
+    run_server,
+)
 
 Upstream = tuple[Recorder, str]
 
@@ -299,3 +310,26 @@ def test_request_header_helpers_are_pure() -> None:
 def test_recorded_helper_reads_headers() -> None:
     seen = Recorded("GET", b"/", b"", [(b"a", b"1"), (b"a", b"2")], b"")
     assert seen.header("A") == ["1", "2"]
+
+
+def test_upstream_tls_certificate_is_verified(
+    tmp_path: Path, start_proxy: Callable[..., RunningProxy]
+) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    self_signed = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 -addext"
+    self_signed += " subjectAltName=IP:127.0.0.1"
+    subprocess.run(
+        ["openssl", *self_signed.split(), "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    stand_in = Recorder()
+    config = loopback_config(stand_in)
+    config.ssl_keyfile, config.ssl_certfile = str(key), str(cert)
+    with run_server(config) as url:
+        proxy = start_proxy(url.replace("http://", "https://") + "/api/v1")
+        response = httpx.get(f"{proxy.url}/api/v1/buyers")
+    # A self-signed certificate is not trusted, so nothing (and no token) reaches the server.
+    assert response.status_code == 502
+    assert response.json()["error_code"] == "UPSTREAM_UNAVAILABLE"
+    assert stand_in.requests == []
