@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
 import structlog
 from structlog.typing import FilteringBoundLogger
 
@@ -19,17 +20,22 @@ __all__ = ["AuditLog", "uvicorn_log_config"]
 
 
 class _LineWriter:
-    """A structlog logger that writes each rendered line to every stream and flushes it."""
+    """A structlog logger that writes each rendered line to every stream, unbuffered.
 
-    def __init__(self, streams: list[IO[str]]) -> None:
+    Each line is one write call per stream, so an audit line is never held in a buffer when
+    the process dies.
+    """
+
+    def __init__(self, streams: list[IO[bytes]]) -> None:
         self._streams = streams
 
-    def msg(self, line: str) -> None:
+    def msg(self, line: bytes) -> None:
+        line += b"\n"
         for stream in self._streams:
-            stream.write(line + "\n")
+            stream.write(line)
             stream.flush()
 
-    info = warning = error = critical = msg
+    info = warning = error = critical = exception = msg
 
 
 _LEAD_KEYS = ("timestamp", "level", "event")
@@ -39,9 +45,7 @@ def _lead_with_when_and_what(
     logger: Any, method_name: str, event_dict: dict[str, Any]
 ) -> dict[str, Any]:
     """Put timestamp, level and event first so a human scanning the lines reads them first."""
-    lead = {
-        key: event_dict.pop(key) for key in ("timestamp", "level", "event") if key in event_dict
-    }
+    lead = {key: event_dict.pop(key) for key in _LEAD_KEYS if key in event_dict}
     return lead | event_dict
 
 
@@ -49,14 +53,17 @@ def _processors() -> list[Any]:
     return [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        structlog.processors.format_exc_info,
         _lead_with_when_and_what,
-        structlog.processors.JSONRenderer(),
+        # orjson: the audit line is written on every request, and it serialises several times
+        # faster than the standard library.
+        structlog.processors.JSONRenderer(serializer=orjson.dumps),
     ]
 
 
-def _open(path: Path) -> IO[str]:
+def _open(path: Path) -> IO[bytes]:
     try:
-        return path.open("a", encoding="utf-8")
+        return path.open("ab", buffering=0)
     except OSError as error:
         raise ConfigError(
             "INVOISX_PROXY_LOG_FILE", f"cannot open {path}: {error.strerror}"
@@ -68,7 +75,8 @@ class AuditLog:
 
     def __init__(self, log_file: Path | None, *, to_stdout: bool = True) -> None:
         self._file = _open(log_file) if log_file else None
-        streams = [*([sys.stdout] if to_stdout else []), *([self._file] if self._file else [])]
+        stdout: IO[bytes] = sys.stdout.buffer
+        streams = [*([stdout] if to_stdout else []), *([self._file] if self._file else [])]
         self.logger: FilteringBoundLogger = structlog.wrap_logger(
             _LineWriter(streams),
             processors=_processors(),

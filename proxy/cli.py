@@ -12,7 +12,7 @@ import uvicorn
 from proxy import __version__
 from proxy.app import create_app
 from proxy.demo import run_demo, run_sandbox
-from proxy.serving import run_until_signalled, server_config
+from proxy.serving import run_until_signalled, server_config, tune_gc
 from proxy.settings import ConfigError, Settings, load_settings
 
 __all__ = ["main", "serve"]
@@ -20,7 +20,9 @@ __all__ = ["main", "serve"]
 
 def serve(settings: Settings) -> None:
     """Run the proxy under uvicorn until it is stopped."""
-    run_until_signalled(uvicorn.Server(server_config(create_app(settings), settings)))
+    server = uvicorn.Server(server_config(create_app(settings), settings))
+    tune_gc()
+    run_until_signalled(server)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ or a URL rebuilt from the Host header, so encodings cannot smuggle a different p
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -15,6 +16,8 @@ __all__ = ["API_PREFIX", "Target", "parse_target"]
 
 API_PREFIX = b"/api/v1/"
 
+# Letters, digits, '-', '_' and '~' need no decoding and can form no dot segment.
+_PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9_~-]+")
 # Percent-decoding twice catches double encodings such as %252e%252e (a '..' after two
 # decodes) that a careless upstream or intermediary might decode again.
 _DECODE_ROUNDS = 2
@@ -33,6 +36,8 @@ def _bad_path(reason: str) -> ProxyError:
 
 
 def _decode_segment(segment: bytes) -> str:
+    if _PLAIN_SEGMENT.fullmatch(segment):
+        return segment.decode()  # the common case: nothing to decode, nothing to check
     if any(byte <= 0x20 or byte >= 0x7F for byte in segment):
         raise _bad_path("it contains a character that must be percent-encoded")
     decoded = segment

@@ -6,9 +6,9 @@ this one only runs them and turns a `ProxyError` from any of them into an Invois
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl
 
@@ -35,7 +35,7 @@ def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
             return value.decode()
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _query_keys(query_string: bytes) -> list[str]:
@@ -87,8 +87,14 @@ class ProxyEndpoint:
             exchange.error_code = error.error_code
             exchange.bytes_out = await send_error(send, error, exchange.request_id)
         except Exception:
+            if exchange.status:
+                raise  # the response has started: only uvicorn can close the connection now
+            self._audit.exception("internal_error", request_id=exchange.request_id)
+            error = ProxyError(
+                500, "INTERNAL_ERROR", "The proxy failed to handle this request.", decision="error"
+            )
             exchange.status, exchange.decision, exchange.error_code = 500, "error", "INTERNAL_ERROR"
-            raise
+            exchange.bytes_out = await send_error(send, error, exchange.request_id)
         finally:
             self._log(scope, required, exchange, started)
 

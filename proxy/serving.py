@@ -6,6 +6,7 @@ helpers, so what the tests start is what users start.
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 import threading
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp
 from proxy.audit import uvicorn_log_config
 from proxy.settings import Settings
 
-__all__ = ["bind", "run_until_signalled", "server_config", "serving_in_thread"]
+__all__ = ["bind", "run_until_signalled", "server_config", "serving_in_thread", "tune_gc"]
 
 
 def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.Config:
@@ -37,8 +38,20 @@ def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.C
         "server_header": False,
         # InvoisX's own Date header passes through; a second one would be confusing.
         "date_header": False,
+        "loop": "asyncio",
     }
     return uvicorn.Config(app, **(defaults | options))
+
+
+def tune_gc() -> None:
+    """Make garbage collection cheap for a long-running proxy (call once, after start-up).
+
+    Start-up objects (modules, settings, the app) live forever: frozen, full collections stop
+    rescanning them. Each request allocates short-lived objects freed by reference counting,
+    so young-generation collections can run ten times less often than the default.
+    """
+    gc.freeze()
+    gc.set_threshold(7000, 10, 10)
 
 
 def _exit_zero(signum: int, frame: FrameType | None) -> None:

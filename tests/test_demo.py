@@ -94,7 +94,7 @@ def test_demo_serves_until_ctrl_c_then_exits_0() -> None:
         output, _ = process.communicate(timeout=15)
         assert process.returncode == 0
         assert "Traceback" not in output
-    assert '"event": "request"' in output  # the audit line of the call above
+    assert '"event":"request"' in output  # the audit line of the call above
     assert _refuses(port) and _refuses(sandbox_port)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy import __version__
 from proxy.forward import request_headers, response_headers
 from tests.conftest import (
     TOKEN,
@@ -161,7 +162,7 @@ def test_gzip_body_is_passed_as_is(proxy: RunningProxy, recorder: Upstream) -> N
     assert gzip.decompress(raw) == payload
 
 
-def test_upstream_sees_no_accept_encoding_the_client_did_not_send(
+def test_no_compression_or_client_identity_the_client_did_not_ask_for(
     proxy: RunningProxy, recorder: Upstream
 ) -> None:
     stand_in, _ = recorder
@@ -169,7 +170,11 @@ def test_upstream_sees_no_accept_encoding_the_client_did_not_send(
         raw.sendall(b"GET /api/v1/buyers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         while raw.recv(65536):
             pass
-    assert stand_in.requests[-1].header("accept-encoding") == []
+    seen = stand_in.requests[-1]
+    assert seen.header("accept-encoding") == ["identity"]
+    assert seen.header("user-agent") == [f"invoisx-proxy/{__version__}"]
+    httpx.get(f"{proxy.url}/api/v1/buyers", headers={"Accept-Encoding": "gzip"})
+    assert stand_in.requests[-1].header("accept-encoding") == ["gzip"]
 
 
 def test_several_megabytes_both_ways_byte_exact(proxy: RunningProxy, recorder: Upstream) -> None:
@@ -295,11 +300,13 @@ def test_upstream_reset_mid_body_closes_client_connection(
 
 def test_request_header_helpers_are_pure() -> None:
     headers = [(b"Connection", b"close, X-A"), (b"X-A", b"1"), (b"Accept", b"text/csv")]
-    out = request_headers(headers, b"Bearer t", has_body=False, request_id="r1")
+    out = request_headers(headers, "Bearer t", has_body=False, request_id="r1")
     assert out == [
-        (b"accept", b"text/csv"),
-        (b"x-request-id", b"r1"),
-        (b"authorization", b"Bearer t"),
+        ("accept", "text/csv"),
+        ("accept-encoding", "identity"),
+        ("user-agent", f"invoisx-proxy/{__version__}"),
+        ("x-request-id", "r1"),
+        ("authorization", "Bearer t"),
     ]
     assert response_headers([(b"Set-Cookie", b"a=b"), (b"ETag", b'"1"')], "r2") == [
         (b"etag", b'"1"'),
