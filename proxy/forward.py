@@ -52,11 +52,8 @@ _NEVER_UPSTREAM = _HOP_BY_HOP | {
 _NEVER_DOWNSTREAM = _HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
 _JSON = b"application/json"
 _USER_AGENT = f"invoisx-proxy/{__version__}"
-# Upstream connections at most; more concurrent calls wait (within the timeout) for one.
-# InvoisX allows 60 calls a minute, so this only matters for bursts and benchmarks.
-_POOL_SIZE = 64
 # Seconds an exchange may run before the proxy starts listening for a client disconnect.
-_WATCH_AFTER = 0.05
+_WATCH_AFTER = 1.0
 # nginx's convention for "client closed the connection before the response was complete".
 _CLIENT_CLOSED = 499
 # InvoisX error bodies are small; this bounds what is kept to read their error_code.
@@ -85,7 +82,7 @@ class _DisconnectWatch:
 
     It may only listen once the request body has been read: before that, `receive()` belongs
     to the body stream. Listening takes a task, so it begins only when an exchange outlasts
-    `_WATCH_AFTER`: a quick answer is over before a disconnect could save any work.
+    `_WATCH_AFTER`: a quick answer is over before a disconnect could save much work.
     """
 
     def __init__(self, receive: Receive) -> None:
@@ -272,7 +269,9 @@ class Forwarder:
 
     async def __aenter__(self) -> Forwarder:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=_POOL_SIZE, keepalive_timeout=30),
+            # No pool limit: a call waiting for a pooled connection can be overtaken by newer calls
+            # again and again, so a limit starved some callers for seconds under bursts.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             # Per phase, like httpx: a long download is fine as long as bytes keep coming.
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=self._timeout, sock_read=self._timeout

@@ -1,0 +1,212 @@
+"""The servers the benchmark starts: nginx upstream and proxy, mitmdump, invoisx-proxy."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from procs import Service, start_service, wait_ready
+
+__all__ = [
+    "BUYERS_BODY",
+    "BUYERS_PATH",
+    "Target",
+    "default_proxy_cmd",
+    "start_invoisx",
+    "start_mitmdump",
+    "start_nginx_proxy",
+    "start_nginx_upstream",
+    "start_streaming_upstream",
+]
+
+BUYERS_PATH = "/api/v1/buyers"
+BUYERS_BODY = (
+    '{"data":[{"id":"byr_01","name":"Acme Trading Sdn Bhd","tin":"C21638015020",'
+    '"country":"MYS"},{"id":"byr_02","name":"Borneo Supplies","tin":"C10987654321",'
+    '"country":"MYS"}],"page":1,"per_page":20,"total":2}'
+)
+
+_NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid @DIR@/nginx.pid;
+error_log @DIR@/error.log warn;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    server_tokens off;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    client_body_temp_path @DIR@/client_body;
+    proxy_temp_path @DIR@/proxy;
+    fastcgi_temp_path @DIR@/fastcgi;
+    uwsgi_temp_path @DIR@/uwsgi;
+    scgi_temp_path @DIR@/scgi;
+@SERVERS@
+}
+"""
+
+_UPSTREAM_SERVER = """\
+    server {
+        listen 127.0.0.1:@PORT@;
+        default_type application/json;
+        location = @PATH@ {
+            if ($http_authorization != "Bearer @TOKEN@") {
+                return 401 '{"error":"unauthorized"}';
+            }
+            return 200 '@BODY@';
+        }
+        location / { return 404 '{"error":"not found"}'; }
+    }
+"""
+
+_PROXY_SERVER = """\
+    upstream invoisx_upstream {
+        server 127.0.0.1:@UPSTREAM@;
+        keepalive 256;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:@PORT@;
+        location /api/v1/ {
+            proxy_pass http://invoisx_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer @TOKEN@";
+        }
+    }
+"""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A URL under load; `headers` are what a client of it must send itself."""
+
+    name: str
+    port: int
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{BUYERS_PATH}"
+
+
+def _fill(template: str, **values: str | int) -> str:
+    for key, value in values.items():
+        template = template.replace(f"@{key}@", str(value))
+    return template
+
+
+def _start_nginx(name: str, servers: str, workdir: Path, cpu: int | None) -> Service:
+    confdir = workdir / name
+    confdir.mkdir()
+    # nginx drops worker privileges to "nobody" when started as root; they must reach the dir.
+    confdir.chmod(0o755)
+    workdir.chmod(0o755)
+    conf = confdir / "nginx.conf"
+    conf.write_text(_fill(_NGINX_CONF, DIR=confdir, SERVERS=servers))
+    argv = ["nginx", "-p", str(confdir), "-c", str(conf), "-e", str(confdir / "error.log")]
+    service = start_service(name, argv, logdir=workdir, cpu=cpu)
+    service.stderr_path = confdir / "error.log"
+    return service
+
+
+def start_nginx_upstream(workdir: Path, port: int, token: str, cpu: int | None) -> Service:
+    """nginx answering GET /api/v1/buyers (~200 bytes of JSON) when the token is right."""
+    server = _fill(_UPSTREAM_SERVER, PORT=port, PATH=BUYERS_PATH, TOKEN=token, BODY=BUYERS_BODY)
+    service = _start_nginx("nginx-upstream", server, workdir, cpu)
+    wait_ready(service, port, BUYERS_PATH, headers={"Authorization": f"Bearer {token}"})
+    return service
+
+
+def start_nginx_proxy(
+    workdir: Path, port: int, upstream_port: int, token: str, cpu: int | None
+) -> Service:
+    """nginx reverse proxy with keepalive upstream connections, injecting the token."""
+    server = _fill(_PROXY_SERVER, PORT=port, UPSTREAM=upstream_port, TOKEN=token)
+    service = _start_nginx("nginx-proxy", server, workdir, cpu)
+    wait_ready(service, port, BUYERS_PATH)
+    return service
+
+
+def start_mitmdump(
+    mitmdump: str, workdir: Path, port: int, upstream_port: int, token: str, cpu: int | None
+) -> Service:
+    """mitmdump in reverse mode, quiet, adding the Authorization header to each request."""
+    confdir = workdir / "mitmproxy"
+    confdir.mkdir()
+    argv = [
+        mitmdump,
+        "--mode",
+        f"reverse:http://127.0.0.1:{upstream_port}/",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "--quiet",
+        "--set",
+        f"confdir={confdir}",
+        "--set",
+        "flow_detail=0",
+        "--set",
+        "termlog_verbosity=error",
+        "--modify-headers",
+        f"/~q/Authorization/Bearer {token}",
+    ]
+    service = start_service("mitmproxy", argv, logdir=workdir, cpu=cpu)
+    wait_ready(service, port, BUYERS_PATH)
+    return service
+
+
+def default_proxy_cmd() -> str:
+    """invoisx-proxy from the venv of the running interpreter, else `python -m proxy`."""
+    script = Path(sys.executable).parent / "invoisx-proxy"
+    if script.exists():
+        return f"{shlex.quote(str(script))} serve"
+    return f"{shlex.quote(sys.executable)} -m proxy serve"
+
+
+def start_invoisx(
+    proxy_cmd: str,
+    *,
+    name: str,
+    workdir: Path,
+    port: int,
+    api_url: str,
+    token: str,
+    cpu: int | None,
+    probe_path: str | None = BUYERS_PATH,
+    extra_env: Mapping[str, str] | None = None,
+) -> Service:
+    """invoisx-proxy with audit logging to a file and its stdout JSON lines to a file."""
+    env = {
+        **os.environ,
+        "INVOISX_API_URL": api_url,
+        "INVOISX_API_TOKEN": token,
+        "INVOISX_TOKEN_PERMISSIONS": "create,read,update,delete",
+        "INVOISX_PROXY_LOG_FILE": str(workdir / f"{name}.audit.log"),
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+        **(extra_env or {}),
+    }
+    argv = [*shlex.split(proxy_cmd), "--host", "127.0.0.1", "--port", str(port)]
+    service = start_service(name, argv, logdir=workdir, cpu=cpu, env=env)
+    wait_ready(service, port, "/healthz")
+    if probe_path is not None:
+        wait_ready(service, port, probe_path, timeout_s=10.0)
+    return service
+
+
+def start_streaming_upstream(workdir: Path, port: int, token: str) -> Service:
+    """The stdlib blob upstream (bench/streaming_upstream.py)."""
+    script = Path(__file__).with_name("streaming_upstream.py")
+    argv = [sys.executable, str(script), "--port", str(port), "--token", token]
+    service = start_service("streaming-upstream", argv, logdir=workdir)
+    wait_ready(service, port, "/healthz")
+    return service
