@@ -1,4 +1,8 @@
-"""`create_app(settings)`: wires the stages into one Starlette app. No logic lives here."""
+"""`create_app(settings)`: wires the stages into one ASGI app. No logic lives here.
+
+API calls go straight to the proxy endpoint; the proxy's own routes (health) and the audited
+404 for everything else are a small Starlette app.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from proxy.forward import Forwarder
 from proxy.paths import API_PREFIX
 from proxy.pipeline import ProxyEndpoint
 from proxy.policy import Policy
-from proxy.settings import Settings
+from proxy.settings import Settings, is_loopback
 
 __all__ = ["ProxyFirst", "create_app"]
 
@@ -49,10 +53,12 @@ class ProxyFirst:
     def __init__(self, endpoint: ProxyEndpoint, app: Starlette) -> None:
         self.endpoint = endpoint
         self.app = app
-        self.state = app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["raw_path"].startswith(API_PREFIX):
+        if scope["type"] == "websocket":
+            # InvoisX has no WebSocket API; closing before accepting answers 403.
+            await send({"type": "websocket.close", "code": 1008})
+        elif scope["type"] == "http" and scope["raw_path"].startswith(API_PREFIX):
             await self.endpoint(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -79,6 +85,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         forwarder=forwarder,
         audit=audit.logger,
         token_fingerprint=token.fingerprint,
+        loopback_listener=is_loopback(settings.host),
     )
 
     @asynccontextmanager
@@ -112,7 +119,4 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         exception_handlers={Exception: internal_error},
     )
     app.router.redirect_slashes = False
-    app.state.settings = settings
-    app.state.policy = policy
-    app.state.token_fingerprint = token.fingerprint
     return ProxyFirst(endpoint, app)

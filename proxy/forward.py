@@ -48,6 +48,10 @@ _NEVER_UPSTREAM = _HOP_BY_HOP | {
     b"x-proxy-key",
     b"x-request-id",
     b"expect",
+    # A Laravel backend would run the named method instead of the one the policy checked.
+    b"x-http-method-override",
+    b"x-http-method",
+    b"x-method-override",
 }
 _NEVER_DOWNSTREAM = _HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
 _JSON = b"application/json"
@@ -125,6 +129,14 @@ def _named_in_connection(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return names
 
 
+def _utf8(value: bytes) -> str:
+    # The HTTP client re-encodes header values as UTF-8: only UTF-8 passes byte for byte.
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise ProxyError(400, "BAD_REQUEST", "A header value is not valid UTF-8.") from None
+
+
 def request_headers(
     headers: list[tuple[bytes, bytes]], authorization: str, has_body: bool, request_id: str
 ) -> list[tuple[str, str]]:
@@ -141,7 +153,7 @@ def request_headers(
             accept = value
             continue
         present.add(name)
-        kept.append((name.decode("latin-1"), value.decode("latin-1")))
+        kept.append((name.decode("latin-1"), _utf8(value)))
     # InvoisX (Laravel) answers auth errors with redirects unless JSON is asked for.
     if accept is None or accept.strip() in (b"", b"*/*"):
         accept = _JSON
@@ -206,15 +218,32 @@ class _RequestBody:
     so the real reason (too large, client gone) is kept here for the handler to raise.
     """
 
-    def __init__(self, receive: Receive, limit: int, exchange: Exchange, watch: _DisconnectWatch):
+    def __init__(
+        self,
+        receive: Receive,
+        limit: int,
+        exchange: Exchange,
+        watch: _DisconnectWatch,
+        stall_timeout: float,
+    ) -> None:
         self._receive = receive
         self._limit = limit
         self._exchange = exchange
         self._watch = watch
+        self._stall_timeout = stall_timeout
         self.error: ProxyError | ClientDisconnected | None = None
+        # aiohttp has no write timeout: an upstream that stops reading would hold the upload
+        # forever. The sender arms this deadline; every chunk taken pushes it back.
+        self.deadline: asyncio.Timeout | None = None
+
+    def _progress(self, done: bool = False) -> None:
+        if self.deadline is not None:
+            loop = asyncio.get_running_loop()
+            self.deadline.reschedule(None if done else loop.time() + self._stall_timeout)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
+            self._progress()
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 self._watch.disconnected = True
@@ -229,6 +258,8 @@ class _RequestBody:
                 self._watch.start()
                 if chunk:
                     yield chunk
+                # From here on aiohttp's read timeout covers the wait for the answer.
+                self._progress(done=True)
                 return
             if chunk:
                 yield chunk
@@ -272,7 +303,7 @@ class Forwarder:
             # No pool limit: a call waiting for a pooled connection can be overtaken by newer calls
             # again and again, so a limit starved some callers for seconds under bursts.
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            # Per phase, like httpx: a long download is fine as long as bytes keep coming.
+            # Per phase, not in total: a long download is fine as long as bytes keep coming.
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=self._timeout, sock_read=self._timeout
             ),
@@ -307,17 +338,23 @@ class Forwarder:
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
         watch = _DisconnectWatch(receive)
-        body = _RequestBody(receive, self._max_body, exchange, watch) if has_body else None
+        body = (
+            _RequestBody(receive, self._max_body, exchange, watch, self._timeout)
+            if has_body
+            else None
+        )
         if body is None:
             watch.start()
         outgoing = request_headers(headers, self._authorization, has_body, exchange.request_id)
         try:
             await self._exchange(scope["method"], url, outgoing, body, send, exchange, watch)
-        except (asyncio.CancelledError, ClientDisconnected):
+        except (asyncio.CancelledError, ClientDisconnected) as gone:
             if not watch.disconnected:
                 raise
-            # Our own watch cancelled us: the client is gone, which is not a server failure.
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if isinstance(gone, asyncio.CancelledError):
+                # Our own watch cancelled us; nobody else asked this task to stop.
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            # The client is gone, which is not a server failure.
             exchange.status = exchange.status or _CLIENT_CLOSED
             exchange.decision = "upstream_error"
             exchange.error_code = "CLIENT_DISCONNECTED"
@@ -334,16 +371,11 @@ class Forwarder:
         exchange: Exchange,
         watch: _DisconnectWatch,
     ) -> None:
-        assert self._session is not None, "use the Forwarder as an async context manager"
         started = time.perf_counter()
         try:
-            response = await self._session.request(
-                method,
-                URL(url, encoded=True),  # forward the path and query exactly as received
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-            )
+            response = await self._send(method, url, headers, body)
+        except aiohttp.ConnectionTimeoutError as error:
+            raise _unavailable() from error
         except TimeoutError as error:
             raise _timed_out() from error
         except aiohttp.ClientError as error:
@@ -355,6 +387,23 @@ class Forwarder:
             await self._relay(response, send, exchange, watch)
         finally:
             response.release()
+
+    async def _send(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: _RequestBody | None
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None, "use the Forwarder as an async context manager"
+        request = self._session.request(
+            method,
+            URL(url, encoded=True),  # forward the path and query exactly as received
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+        )
+        if body is None:
+            return await request
+        async with asyncio.timeout(None) as deadline:
+            body.deadline = deadline
+            return await request
 
     async def _relay(
         self,

@@ -17,9 +17,9 @@ from structlog.typing import FilteringBoundLogger
 
 from proxy.errors import ProxyError, send_error
 from proxy.forward import Exchange, Forwarder
-from proxy.identity import peer_address
+from proxy.identity import check_caller, peer_address
 from proxy.paths import parse_target
-from proxy.policy import METHOD_PERMISSIONS, Permission, Policy
+from proxy.policy import METHOD_PERMISSIONS, Permission, Policy, check_no_method_override
 
 __all__ = ["ProxyEndpoint"]
 
@@ -31,6 +31,14 @@ _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _MAX_LOGGED_PATH = 2048
 
 
+_INTERNAL_ERROR = ProxyError(
+    500, "INTERNAL_ERROR", "The proxy failed to handle this request.", decision="error"
+)
+# Query keys are logged by name; bound them so one odd request cannot bloat the log.
+_MAX_LOGGED_KEYS = 32
+_MAX_KEY_LENGTH = 64
+
+
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
@@ -40,7 +48,7 @@ def _request_id(scope: Scope) -> str:
 
 def _query_keys(query_string: bytes) -> list[str]:
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-    return sorted({key for key, _ in pairs})
+    return sorted({key[:_MAX_KEY_LENGTH] for key, _ in pairs})[:_MAX_LOGGED_KEYS]
 
 
 def _method_not_allowed(method: str) -> ProxyError:
@@ -54,7 +62,7 @@ def _method_not_allowed(method: str) -> ProxyError:
 
 
 class ProxyEndpoint:
-    """ASGI app for every path that is not one of the proxy's own (health, later metrics)."""
+    """ASGI app for every path that is not one of the proxy's own (health)."""
 
     def __init__(
         self,
@@ -63,7 +71,9 @@ class ProxyEndpoint:
         forwarder: Forwarder,
         audit: FilteringBoundLogger,
         token_fingerprint: str,
+        loopback_listener: bool,
     ) -> None:
+        self._loopback_listener = loopback_listener
         self._policy = policy
         self._forwarder = forwarder
         self._audit = audit
@@ -76,27 +86,28 @@ class ProxyEndpoint:
         required: Permission | None = None
         try:
             target = parse_target(scope["raw_path"])
+            check_caller(scope, loopback_listener=self._loopback_listener)
             if method not in METHOD_PERMISSIONS:
                 raise _method_not_allowed(method)
+            check_no_method_override(scope)
             required = self._policy.required_permission(method, target.segments)
             self._policy.check(required, datetime.now(UTC))
             await self._forwarder(scope, receive, send, target.raw, exchange)
         except ProxyError as error:
-            exchange.status = error.status
-            exchange.decision = error.decision
-            exchange.error_code = error.error_code
-            exchange.bytes_out = await send_error(send, error, exchange.request_id)
+            await self._refuse(send, error, exchange)
         except Exception:
             if exchange.status:
                 raise  # the response has started: only uvicorn can close the connection now
             self._audit.exception("internal_error", request_id=exchange.request_id)
-            error = ProxyError(
-                500, "INTERNAL_ERROR", "The proxy failed to handle this request.", decision="error"
-            )
-            exchange.status, exchange.decision, exchange.error_code = 500, "error", "INTERNAL_ERROR"
-            exchange.bytes_out = await send_error(send, error, exchange.request_id)
+            await self._refuse(send, _INTERNAL_ERROR, exchange)
         finally:
             self._log(scope, required, exchange, started)
+
+    async def _refuse(self, send: Send, error: ProxyError, exchange: Exchange) -> None:
+        exchange.status = error.status
+        exchange.decision = error.decision
+        exchange.error_code = error.error_code
+        exchange.bytes_out = await send_error(send, error, exchange.request_id)
 
     def _log(
         self, scope: Scope, required: Permission | None, exchange: Exchange, started: float

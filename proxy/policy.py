@@ -6,12 +6,15 @@ could not do, so a refused call never reaches InvoisX.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict, field_validator
+from starlette.types import Scope
 
 from proxy.errors import ProxyError
 
@@ -21,6 +24,7 @@ __all__ = [
     "Permission",
     "Policy",
     "RuleSpec",
+    "check_no_method_override",
     "parse_permissions",
 ]
 
@@ -96,9 +100,33 @@ class _Rule:
     permission: Permission
 
     def matches(self, method: str, segments: tuple[str, ...]) -> bool:
-        if method != self.method or len(segments) != len(self.segments):
+        # HEAD runs the GET route upstream, so a GET rule must hold for it too.
+        same_method = method == self.method or (method == "HEAD" and self.method == "GET")
+        if not same_method or len(segments) != len(self.segments):
             return False
         return all(want in ("*", got) for want, got in zip(self.segments, segments, strict=True))
+
+
+# Laravel lets a POST run as another method through `_method` in the query or a form body
+# (PHP turns ' ', '.' and '[' in names into '_'); the override headers are dropped in forward.
+_OVERRIDE_KEY = re.compile(r"[ .\[]")
+_FORM_BODIES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
+
+
+def check_no_method_override(scope: Scope) -> None:
+    """Refuse what could make InvoisX run another method than the one the policy checked."""
+    query: bytes = scope["query_string"]
+    if b"method" in query.lower() or b"%" in query:
+        keys = (key for key, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True))
+        if any(_OVERRIDE_KEY.sub("_", key).startswith("_method") for key in keys):
+            raise ProxyError(400, "BAD_REQUEST", "The _method query parameter is not allowed.")
+    for name, value in scope["headers"]:
+        if name == b"content-type" and value.split(b";")[0].strip().lower() in _FORM_BODIES:
+            raise ProxyError(
+                415,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "Form bodies are not forwarded: the InvoisX API takes JSON.",
+            )
 
 
 class Policy:

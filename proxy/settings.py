@@ -7,6 +7,7 @@ start-up with one line naming the variable, via `ConfigError`.
 from __future__ import annotations
 
 import ipaddress
+import re
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ __all__ = ["MALAYSIA_TIME", "ConfigError", "Settings", "is_loopback", "load_sett
 
 # InvoisX is a Malaysian service; Malaysia keeps UTC+8 all year, so a fixed offset is exact.
 MALAYSIA_TIME = timezone(timedelta(hours=8), "MYT")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 class ConfigError(Exception):
@@ -79,7 +81,7 @@ class Settings(BaseSettings):
     @classmethod
     def _date_means_end_of_day(cls, value: Any) -> Any:
         # A bare date is the day shown in the dashboard: valid through that day, Malaysia time.
-        if isinstance(value, str) and len(value.strip()) == 10:
+        if isinstance(value, str) and _DATE.fullmatch(value.strip()):
             day = date.fromisoformat(value.strip()) + timedelta(days=1)
             return datetime.combine(day, time(), MALAYSIA_TIME)
         return value
@@ -99,14 +101,14 @@ class Settings(BaseSettings):
             raise ValueError("must be an absolute http(s) URL such as https://invoisx.com/api/v1")
         if parts.username or parts.password or parts.query or parts.fragment:
             raise ValueError("must not contain credentials, a query string or a fragment")
-        return value.strip().rstrip("/")
+        # urlsplit lowercases the scheme; keep that form so later checks cannot miss `HTTP://`.
+        return parts._replace(path=parts.path.rstrip("/")).geturl()
 
     @model_validator(mode="after")
     def _secure_upstream(self) -> Settings:
-        host = urlsplit(self.api_url).hostname or ""
-        if self.api_url.startswith("http://") and not (
-            is_loopback(host) or self.allow_insecure_upstream
-        ):
+        parts = urlsplit(self.api_url)
+        host = parts.hostname or ""
+        if parts.scheme == "http" and not (is_loopback(host) or self.allow_insecure_upstream):
             raise ValueError(
                 "INVOISX_API_URL: plain http:// is only allowed to a loopback host; "
                 "use https:// or set INVOISX_PROXY_ALLOW_INSECURE_UPSTREAM=true"

@@ -73,7 +73,9 @@ def test_client_credentials_and_routing_headers_never_reach_upstream(
         "X-Forwarded-Proto": "http",
         "X-Real-IP": "10.0.0.1",
         "X-Proxy-Key": "client-key",
-        "Host": "evil.example",
+        "X-HTTP-Method-Override": "DELETE",
+        "X-HTTP-Method": "DELETE",
+        "X-Method-Override": "DELETE",
         "Connection": "keep-alive, X-Secret-Hop",
         "X-Secret-Hop": "must-not-pass",
         "Keep-Alive": "timeout=5",
@@ -94,6 +96,9 @@ def test_client_credentials_and_routing_headers_never_reach_upstream(
         b"x-forwarded-proto",
         b"x-real-ip",
         b"x-proxy-key",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
         b"x-secret-hop",
         b"keep-alive",
         b"te",
@@ -166,8 +171,13 @@ def test_no_compression_or_client_identity_the_client_did_not_ask_for(
     proxy: RunningProxy, recorder: Upstream
 ) -> None:
     stand_in, _ = recorder
-    with socket.create_connection(proxy.url.removeprefix("http://").split(":")) as raw:
-        raw.sendall(b"GET /api/v1/buyers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    host_port = proxy.url.removeprefix("http://")
+    with socket.create_connection(host_port.split(":")) as raw:
+        raw.sendall(
+            b"GET /api/v1/buyers HTTP/1.1\r\nHost: "
+            + host_port.encode()
+            + b"\r\nConnection: close\r\n\r\n"
+        )
         while raw.recv(65536):
             pass
     seen = stand_in.requests[-1]
@@ -340,3 +350,40 @@ def test_upstream_tls_certificate_is_verified(
     assert response.status_code == 502
     assert response.json()["error_code"] == "UPSTREAM_UNAVAILABLE"
     assert stand_in.requests == []
+
+
+def test_header_values_pass_as_utf8_or_are_refused(proxy: RunningProxy, recorder: Upstream) -> None:
+    stand_in, _ = recorder
+    host_port = proxy.url.removeprefix("http://")
+    for value, status in ((b"caf\xc3\xa9", b"200"), (b"caf\xe9", b"400")):
+        with socket.create_connection(host_port.split(":")) as raw:
+            raw.sendall(
+                b"GET /api/v1/buyers HTTP/1.1\r\nHost: "
+                + host_port.encode()
+                + b"\r\nX-Note: "
+                + value
+                + b"\r\nConnection: close\r\n\r\n"
+            )
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 " + status)
+    assert len(stand_in.requests) == 1
+    assert (b"x-note", b"caf\xc3\xa9") in stand_in.requests[0].headers
+
+
+def test_upstream_that_stops_reading_an_upload_times_out(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        proxy = start_proxy(f"http://127.0.0.1:{port}/api/v1", upstream_timeout=0.5)
+        started = time.monotonic()
+        response = httpx.post(f"{proxy.url}/api/v1/buyers", content=b"x" * 8_000_000, timeout=10)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 504
+    assert response.json()["error_code"] == "UPSTREAM_TIMEOUT"
+    assert elapsed < 5
+    assert proxy.last_audit()["decision"] == "upstream_error"

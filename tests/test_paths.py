@@ -71,8 +71,9 @@ def test_safe_paths_keep_their_encoding(
     assert target.segments == segments
 
 
-def _raw_request(proxy: RunningProxy, request_line: bytes, host: bytes = b"x") -> bytes:
+def _raw_request(proxy: RunningProxy, request_line: bytes, host: bytes | None = None) -> bytes:
     host_port = proxy.url.removeprefix("http://").split(":")
+    host = host or proxy.url.removeprefix("http://").encode()
     with socket.create_connection((host_port[0], int(host_port[1]))) as conn:
         conn.sendall(request_line + b"\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
         response = b""
@@ -106,9 +107,8 @@ def test_absolute_form_and_host_header_do_not_choose_the_upstream(
     proxy: RunningProxy, recorder: tuple[Recorder, str]
 ) -> None:
     stand_in, upstream = recorder
-    response = _raw_request(
-        proxy, b"GET http://evil.example/api/v1/buyers HTTP/1.1", host=b"evil.example"
-    )
+    own_host = proxy.url.removeprefix("http://").encode()
+    response = _raw_request(proxy, b"GET http://evil.example/api/v1/buyers HTTP/1.1", host=own_host)
     assert response.startswith(b"HTTP/1.1 200 ")
     seen = stand_in.requests[-1]
     assert seen.raw_path == b"/api/v1/buyers"

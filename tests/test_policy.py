@@ -177,3 +177,37 @@ def test_unknown_method_is_405(proxy: RunningProxy, recorder: Upstream) -> None:
     assert response.json()["error_code"] == "METHOD_NOT_ALLOWED"
     assert "DELETE" in response.headers["allow"]
     assert recorder[0].requests == []
+
+
+def test_get_rules_hold_for_head() -> None:
+    rules = [RuleSpec(method="GET", path="/reports/*", permission=Permission.UPDATE)]
+    policy = Policy(granted=frozenset(), expires_at=None, rules=rules)
+    assert policy.required_permission("HEAD", ("reports", "x")) == Permission.UPDATE
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "status"),
+    [
+        ("?_method=DELETE", {}, 400),
+        ("?a=1&.method=DELETE", {}, 400),
+        ("?%5Fmethod=DELETE", {}, 400),
+        ("?_method[]=DELETE", {}, 400),
+        ("", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ("", {"Content-Type": "multipart/form-data; boundary=x"}, 415),
+    ],
+)
+def test_method_override_is_refused(
+    proxy: RunningProxy, recorder: Upstream, query: str, headers: dict[str, str], status: int
+) -> None:
+    response = httpx.post(
+        f"{proxy.url}/api/v1/buyers/1{query}", content=b"_method=DELETE", headers=headers
+    )
+    assert response.status_code == status
+    assert response.json()["success"] is False
+    assert recorder[0].requests == []
+
+
+def test_queries_that_merely_mention_method_pass(proxy: RunningProxy, recorder: Upstream) -> None:
+    response = httpx.get(f"{proxy.url}/api/v1/invoices", params={"payment_method": "card"})
+    assert response.status_code == 200
+    assert recorder[0].requests[-1].query_string == b"payment_method=card"

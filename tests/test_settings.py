@@ -105,6 +105,17 @@ def test_bad_settings_name_the_variable(values: dict[str, Any], line: str) -> No
     assert TOKEN not in str(caught.value)
 
 
+def test_uppercase_scheme_is_still_plain_http() -> None:
+    with pytest.raises(ConfigError, match="INVOISX_API_URL: plain http://"):
+        settings(api_url="HTTP://invoisx.example/api/v1")
+    assert settings(api_url="HTTPS://invoisx.com/api/v1/").api_url == "https://invoisx.com/api/v1"
+
+
+def test_unix_timestamp_expiry() -> None:
+    loaded = settings(token_expires_at="1735689600")
+    assert loaded.token_expires_at == datetime(2025, 1, 1, tzinfo=UTC)
+
+
 def test_insecure_upstream_allowed_for_loopback_or_when_asked() -> None:
     assert settings(api_url="http://127.0.0.1:8000/api/v1").api_url.startswith("http://")
     assert settings(api_url="http://localhost/api/v1").api_url.startswith("http://")
