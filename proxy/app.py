@@ -20,7 +20,7 @@ from proxy import __version__
 from proxy.audit import AuditLog
 from proxy.configfile import load_config_file
 from proxy.credentials import load_token
-from proxy.errors import envelope
+from proxy.errors import INTERNAL_ERROR, envelope
 from proxy.forward import Forwarder
 from proxy.paths import API_PREFIX
 from proxy.pipeline import ProxyEndpoint
@@ -39,8 +39,8 @@ async def healthz(request: Request) -> Response:
 
 async def internal_error(request: Request, exc: Exception) -> Response:
     """A bug in the proxy still answers in the InvoisX envelope, never with a traceback."""
-    body = envelope("INTERNAL_ERROR", "The proxy failed to handle this request.")
-    return Response(body, status_code=500, media_type="application/json")
+    body = envelope(INTERNAL_ERROR.error_code, INTERNAL_ERROR.message)
+    return Response(body, status_code=INTERNAL_ERROR.status, media_type="application/json")
 
 
 class ProxyFirst:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from starlette.types import Send
 
-__all__ = ["Decision", "ProxyError", "envelope", "send_error"]
+__all__ = ["INTERNAL_ERROR", "Decision", "ProxyError", "envelope", "send_error"]
 
 # `error` marks a failure inside the proxy itself (a bug), never a client or InvoisX problem.
 Decision = Literal["forwarded", "denied", "expired", "invalid", "upstream_error", "error"]
@@ -37,6 +37,11 @@ class ProxyError(Exception):
         self.decision: Decision = decision
         self.extra = extra or {}
         self.headers = headers or {}
+
+
+INTERNAL_ERROR = ProxyError(
+    500, "INTERNAL_ERROR", "The proxy failed to handle this request.", decision="error"
+)
 
 
 def envelope(error_code: str, message: str, extra: dict[str, Any] | None = None) -> bytes:

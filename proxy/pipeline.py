@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 from starlette.types import Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
-from proxy.errors import ProxyError, send_error
+from proxy.errors import INTERNAL_ERROR, ProxyError, send_error
 from proxy.forward import Exchange, Forwarder
 from proxy.identity import check_caller, peer_address
 from proxy.paths import parse_target
@@ -31,9 +31,6 @@ _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _MAX_LOGGED_PATH = 2048
 
 
-_INTERNAL_ERROR = ProxyError(
-    500, "INTERNAL_ERROR", "The proxy failed to handle this request.", decision="error"
-)
 # Query keys are logged by name; bound them so one odd request cannot bloat the log.
 _MAX_LOGGED_KEYS = 32
 _MAX_KEY_LENGTH = 64
@@ -97,9 +94,12 @@ class ProxyEndpoint:
             await self._refuse(send, error, exchange)
         except Exception:
             if exchange.status:
-                raise  # the response has started: only uvicorn can close the connection now
+                # The response has started: only uvicorn can close the connection now.
+                exchange.decision = INTERNAL_ERROR.decision
+                exchange.error_code = INTERNAL_ERROR.error_code
+                raise
             self._audit.exception("internal_error", request_id=exchange.request_id)
-            await self._refuse(send, _INTERNAL_ERROR, exchange)
+            await self._refuse(send, INTERNAL_ERROR, exchange)
         finally:
             self._log(scope, required, exchange, started)
 
