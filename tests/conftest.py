@@ -37,6 +37,12 @@ def run_server(config: uvicorn.Config) -> Iterator[str]:
         yield url
 
 
+def free_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with bind("127.0.0.1", 0) as probe:
+        return int(probe.getsockname()[1])
+
+
 def loopback_config(app: ASGIApp) -> uvicorn.Config:
     """uvicorn settings for a stand-in server: quiet, no lifespan."""
     return uvicorn.Config(app, log_config=None, lifespan="off")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TOKEN, Recorder
+from tests.conftest import TOKEN, Recorder, free_port
 
 COMMAND = [sys.executable, "-m", "proxy"]
 
@@ -22,12 +21,6 @@ COMMAND = [sys.executable, "-m", "proxy"]
 def _env(**values: str) -> dict[str, str]:
     base = {key: value for key, value in os.environ.items() if not key.startswith("INVOISX_")}
     return base | values
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.parametrize(
@@ -75,7 +68,7 @@ def test_serve_forwards_and_logs_json_until_sigterm(
     tmp_path: Path, recorder: tuple[Recorder, str]
 ) -> None:
     stand_in, upstream = recorder
-    port = _free_port()
+    port = free_port()
     env = _env(INVOISX_API_TOKEN=TOKEN, INVOISX_API_URL=upstream)
     with subprocess.Popen(
         [*COMMAND, "serve", "--port", str(port)],

@@ -17,15 +17,9 @@ import httpx
 import pytest
 
 from proxy.tour import run_tour
-from tests.conftest import RunningProxy, Sandbox
+from tests.conftest import RunningProxy, Sandbox, free_port
 
 COMMAND = [sys.executable, "-m", "proxy"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _refuses(port: int) -> bool:
@@ -61,7 +55,7 @@ def _running(args: list[str], until: str) -> Iterator[tuple[subprocess.Popen[str
 
 def test_tour_passes(tmp_path: object) -> None:
     result = subprocess.run(
-        [*COMMAND, "demo", "--tour", "--port", str(_free_port())],
+        [*COMMAND, "demo", "--tour", "--port", str(free_port())],
         env=_env(),
         capture_output=True,
         text=True,
@@ -76,7 +70,7 @@ def test_tour_passes(tmp_path: object) -> None:
 
 
 def test_demo_serves_until_ctrl_c_then_exits_0() -> None:
-    port = _free_port()
+    port = free_port()
     with _running(["demo", "--port", str(port)], until="Ctrl-C stops the demo.") as (
         process,
         lines,
@@ -117,7 +111,7 @@ def test_demo_port_in_use_exits_2_with_one_line() -> None:
 
 
 def test_sandbox_command_prints_working_tokens() -> None:
-    port = _free_port()
+    port = free_port()
     with _running(["sandbox", "--port", str(port), "--rate-limit", "5"], until="Try:") as (
         process,
         lines,

@@ -22,6 +22,7 @@ from tests.conftest import (
     Recorder,
     Reply,
     RunningProxy,
+    free_port,
     loopback_config,
     run_server,
 )
@@ -245,10 +246,7 @@ def test_chunked_body_over_limit_is_refused(recorder: Upstream, start_proxy: obj
 
 
 def test_upstream_down_is_502(start_proxy: object) -> None:
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    proxy = start_proxy(f"http://127.0.0.1:{port}/api/v1")  # type: ignore[operator]
+    proxy = start_proxy(f"http://127.0.0.1:{free_port()}/api/v1")  # type: ignore[operator]
     response = httpx.get(f"{proxy.url}/api/v1/buyers")
     assert response.status_code == 502
     assert response.json() == {
