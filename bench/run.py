@@ -67,8 +67,8 @@ def _targets(value: str) -> tuple[str, ...]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (10)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (2)")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run (4)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per target (2)")
     parser.add_argument("--only", type=_targets, default=TARGETS, help=",".join(TARGETS))
     parser.add_argument("--skip-streaming", action="store_true")

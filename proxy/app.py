@@ -6,9 +6,12 @@ API calls go straight to the proxy endpoint; the proxy's own routes (health) and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+import asyncio
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,22 +22,35 @@ from starlette.types import Receive, Scope, Send
 from proxy import __version__
 from proxy.audit import AuditLog
 from proxy.configfile import load_config_file
-from proxy.credentials import load_token
+from proxy.credentials import TokenHolder, load_token
 from proxy.errors import INTERNAL_ERROR, envelope
 from proxy.forward import Forwarder
+from proxy.health import TokenHealth
+from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.paths import API_PREFIX
 from proxy.pipeline import ProxyEndpoint
 from proxy.policy import Policy
+from proxy.rotation import TokenRotation, warn_before_expiry
 from proxy.settings import Settings, is_loopback
+from proxy.watch import FileWatch
 
 __all__ = ["ProxyFirst", "create_app"]
-
-EXPIRY_WARNING = timedelta(days=30)
 
 
 async def healthz(request: Request) -> Response:
     """Liveness: answers without touching InvoisX."""
     return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: 200 while the token is loaded, unexpired and accepted by InvoisX, else 503."""
+    ready, details = await request.app.state.health.readiness(datetime.now(UTC))
+    return JSONResponse(details, status_code=200 if ready else 503)
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -66,57 +82,95 @@ class ProxyFirst:
 
 def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirst:
     """Build the app; raises `ConfigError` for a bad token, config file or log file."""
-    token = load_token(settings)
+    tokens = TokenHolder(load_token(settings))
     config = load_config_file(settings.config)
-    policy = Policy(
-        granted=settings.token_permissions,
-        expires_at=settings.token_expires_at,
-        rules=config.rules,
-    )
+    policy = Policy(granted=settings.token_permissions, rules=config.rules)
     audit = AuditLog(settings.log_file, to_stdout=audit_to_stdout)
+    metrics = Metrics(tokens)
     forwarder = Forwarder(
         base_url=settings.api_url,
-        authorization=token.authorization,
         max_body=settings.max_body_bytes,
         timeout=settings.upstream_timeout,
     )
+    health = TokenHealth(
+        tokens,
+        forwarder=forwarder,
+        metrics=metrics,
+        log=audit.logger,
+        probe_interval=settings.ready_probe_interval,
+    )
     endpoint = ProxyEndpoint(
         policy=policy,
+        tokens=tokens,
         forwarder=forwarder,
+        health=health,
+        metrics=metrics,
         audit=audit.logger,
-        token_fingerprint=token.fingerprint,
         loopback_listener=is_loopback(settings.host),
     )
+    watches = []
+    if settings.api_token_file is not None:
+        rotation = TokenRotation(tokens, settings.api_token_file, log=audit.logger, metrics=metrics)
+        watches.append(
+            FileWatch(settings.api_token_file, rotation.on_change, settings.reload_interval)
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         log = audit.logger
+        token = tokens.current
         log.info(
             "startup",
             version=__version__,
             upstream=settings.api_url,
             token_fingerprint=token.fingerprint,
             token_permissions=sorted(policy.granted),
-            token_expires_at=policy.expires_at.isoformat() if policy.expires_at else None,
+            token_expires_at=token.expires_at.isoformat() if token.expires_at else None,
+            token_file=str(settings.api_token_file) if settings.api_token_file else None,
             rules=len(config.rules),
         )
-        if policy.expires_at and policy.expires_at - datetime.now(UTC) < EXPIRY_WARNING:
-            log.warning(
-                "token_expiring",
-                token_fingerprint=token.fingerprint,
-                token_expires_at=policy.expires_at.isoformat(),
-            )
+        background = [
+            asyncio.create_task(warn_before_expiry(tokens, settings.expiry_warning_days, log)),
+            *(asyncio.create_task(watch.run()) for watch in watches),
+        ]
         try:
-            async with forwarder:
-                yield
+            with _on_sighup(lambda: [watch.poke() for watch in watches]):
+                async with forwarder:
+                    yield
         finally:
-            log.info("shutdown", token_fingerprint=token.fingerprint)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            log.info("shutdown", token_fingerprint=tokens.current.fingerprint)
             audit.close()
 
     app = Starlette(
-        routes=[Route("/healthz", healthz, methods=["GET"]), Mount("", app=endpoint)],
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", prometheus_metrics, methods=["GET"]),
+            Mount("", app=endpoint),
+        ],
         lifespan=lifespan,
         exception_handlers={Exception: internal_error},
     )
     app.router.redirect_slashes = False
+    app.state.tokens = tokens
+    app.state.health = health
+    app.state.metrics = metrics
     return ProxyFirst(endpoint, app)
+
+
+@contextmanager
+def _on_sighup(reload: Callable[[], object]) -> Iterator[None]:
+    """Run `reload` on SIGHUP while inside. Only the main thread may own signals (the demo and
+    the tests serve from other threads, and reload by polling alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)

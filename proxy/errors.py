@@ -11,10 +11,13 @@ from typing import Any, Literal
 
 from starlette.types import Send
 
-__all__ = ["INTERNAL_ERROR", "Decision", "ProxyError", "envelope", "send_error"]
+__all__ = ["INTERNAL_ERROR", "SHUTTING_DOWN", "Decision", "ProxyError", "envelope", "send_error"]
 
-# `error` marks a failure inside the proxy itself (a bug), never a client or InvoisX problem.
-Decision = Literal["forwarded", "denied", "expired", "invalid", "upstream_error", "error"]
+# `error` marks a failure inside the proxy itself (a bug), never a client or InvoisX problem;
+# `aborted` a call cut off because the proxy was shutting down.
+Decision = Literal[
+    "forwarded", "denied", "expired", "invalid", "upstream_error", "aborted", "error"
+]
 
 
 class ProxyError(Exception):
@@ -41,6 +44,14 @@ class ProxyError(Exception):
 
 INTERNAL_ERROR = ProxyError(
     500, "INTERNAL_ERROR", "The proxy failed to handle this request.", decision="error"
+)
+
+# No Retry-After: InvoisX may already have acted on the call, so a blind retry could repeat it.
+SHUTTING_DOWN = ProxyError(
+    503,
+    "PROXY_SHUTTING_DOWN",
+    "The proxy shut down before InvoisX answered; the call may or may not have taken effect.",
+    decision="aborted",
 )
 
 

@@ -75,6 +75,7 @@ class Exchange:
     upstream_ms: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    ratelimit_remaining: str | None = None
 
 
 class ClientDisconnected(Exception):
@@ -289,11 +290,8 @@ class Forwarder:
     Use as an async context manager: the pool opens on entry and closes on exit.
     """
 
-    def __init__(
-        self, *, base_url: str, authorization: bytes, max_body: int, timeout: float
-    ) -> None:
+    def __init__(self, *, base_url: str, max_body: int, timeout: float) -> None:
         self._base_url = base_url
-        self._authorization = authorization.decode()
         self._max_body = max_body
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
@@ -326,8 +324,12 @@ class Forwarder:
         send: Send,
         path: str,
         exchange: Exchange,
+        authorization: str,
     ) -> None:
-        """Forward one request to `path` below the base URL; raises `ProxyError` before replying."""
+        """Forward one request to `path` below the base URL with the `authorization` header.
+
+        Raises `ProxyError` when it fails before the response started.
+        """
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         length = _content_length(headers)
         if length is not None and length > self._max_body:
@@ -345,7 +347,7 @@ class Forwarder:
         )
         if body is None:
             watch.start()
-        outgoing = request_headers(headers, self._authorization, has_body, exchange.request_id)
+        outgoing = request_headers(headers, authorization, has_body, exchange.request_id)
         try:
             await self._exchange(scope["method"], url, outgoing, body, send, exchange, watch)
         except (asyncio.CancelledError, ClientDisconnected) as gone:
@@ -360,6 +362,21 @@ class Forwarder:
             exchange.error_code = "CLIENT_DISCONNECTED"
         finally:
             watch.stop()
+
+    async def probe(self, authorization: str) -> tuple[int, str | None]:
+        """One small read call to InvoisX: its status and error code (status 0: unreachable)."""
+        assert self._session is not None, "use the Forwarder as an async context manager"
+        headers = {"accept": "application/json", "authorization": authorization}
+        headers |= {"user-agent": _USER_AGENT}
+        try:
+            async with self._session.get(
+                self._base_url + "/buyers?per_page=1", headers=headers, allow_redirects=False
+            ) as response:
+                body = await response.content.read(_ERROR_PEEK_BYTES)
+                content_type = response.headers.get("content-type", "")
+                return response.status, _error_code(response.status, content_type, body)
+        except (aiohttp.ClientError, TimeoutError):
+            return 0, None
 
     async def _exchange(
         self,
@@ -413,6 +430,7 @@ class Forwarder:
         watch: _DisconnectWatch,
     ) -> None:
         exchange.status = response.status
+        exchange.ratelimit_remaining = response.headers.get("x-ratelimit-remaining")
         await send(
             {
                 "type": "http.response.start",

@@ -12,12 +12,33 @@ from urllib.parse import unquote_to_bytes
 
 from proxy.errors import ProxyError
 
-__all__ = ["API_PREFIX", "Target", "parse_target"]
+__all__ = ["API_PREFIX", "KNOWN_NAMES", "Target", "parse_target", "route_template"]
 
 API_PREFIX = b"/api/v1/"
 
 # Letters, digits, '-', '_' and '~' need no decoding and can form no dot segment.
 _PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9_~-]+")
+# Path segments that name a resource or an action (documented, or implied by InvoisX's guides);
+# everything else in a route template becomes a placeholder, so templates stay a bounded set.
+KNOWN_NAMES = frozenset(
+    {
+        "buyers",
+        "invoices",
+        "credit-notes",
+        "debit-notes",
+        "refund-notes",
+        "self-billed-invoices",
+        "self-billed-credit-notes",
+        "self-billed-debit-notes",
+        "self-billed-refund-notes",
+        "validate",
+        "submit",
+        "cancel",
+        "status",
+    }
+)
+# Deeper paths are cut here: a client cannot mint new templates by adding segments.
+_TEMPLATE_DEPTH = 4
 # Percent-decoding twice catches double encodings such as %252e%252e (a '..' after two
 # decodes) that a careless upstream or intermediary might decode again.
 _DECODE_ROUNDS = 2
@@ -70,3 +91,17 @@ def parse_target(raw_path: bytes) -> Target:
         raise _bad_path("it contains an empty segment")
     segments = tuple(_decode_segment(part) for part in parts)
     return Target(raw="/" + rest.decode("ascii"), segments=segments)
+
+
+def route_template(segments: tuple[str, ...], names: frozenset[str] = KNOWN_NAMES) -> str:
+    """The path with ids as placeholders (`/buyers/{id}`): a bounded label for metrics and audit.
+
+    Even positions name resources and actions and are kept when in `names`; odd positions are ids.
+    """
+    parts = [
+        ("{id}" if index % 2 else segment if segment in names else "{name}")
+        for index, segment in enumerate(segments[:_TEMPLATE_DEPTH])
+    ]
+    if len(segments) > _TEMPLATE_DEPTH:
+        parts.append("*")
+    return "/" + "/".join(parts)

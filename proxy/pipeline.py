@@ -6,6 +6,7 @@ this one only runs them and turns a `ProxyError` from any of them into an Invois
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -15,10 +16,13 @@ from urllib.parse import parse_qsl
 from starlette.types import Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
-from proxy.errors import INTERNAL_ERROR, ProxyError, send_error
+from proxy.credentials import TokenHolder, UpstreamToken
+from proxy.errors import INTERNAL_ERROR, SHUTTING_DOWN, ProxyError, send_error
 from proxy.forward import Exchange, Forwarder
+from proxy.health import TokenHealth
 from proxy.identity import check_caller, peer_address
-from proxy.paths import parse_target
+from proxy.metrics import Metrics
+from proxy.paths import KNOWN_NAMES, parse_target, route_template
 from proxy.policy import METHOD_PERMISSIONS, Permission, Policy, check_no_method_override
 
 __all__ = ["ProxyEndpoint"]
@@ -26,6 +30,9 @@ __all__ = ["ProxyEndpoint"]
 # A client-chosen request id is reused for tracing only when it cannot disturb a log line.
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
+
+# Until client keys are configured every caller is the same, unnamed client.
+_ANONYMOUS = "anonymous"
 
 # Paths are logged as sent, but an absurd one must not blow up every log line.
 _MAX_LOGGED_PATH = 2048
@@ -65,33 +72,53 @@ class ProxyEndpoint:
         self,
         *,
         policy: Policy,
+        tokens: TokenHolder,
         forwarder: Forwarder,
+        health: TokenHealth,
+        metrics: Metrics,
         audit: FilteringBoundLogger,
-        token_fingerprint: str,
         loopback_listener: bool,
     ) -> None:
         self._loopback_listener = loopback_listener
         self._policy = policy
+        self._tokens = tokens
         self._forwarder = forwarder
+        self._health = health
+        self._metrics = metrics
         self._audit = audit
-        self._fingerprint = token_fingerprint
+        self._route_names = KNOWN_NAMES | policy.route_names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         exchange = Exchange(request_id=_request_id(scope))
+        # One token for the whole call, even if a rotation swaps it meanwhile.
+        token = self._tokens.current
         method: str = scope["method"]
         required: Permission | None = None
+        route: str | None = None
         try:
             target = parse_target(scope["raw_path"])
+            route = route_template(target.segments, self._route_names)
             check_caller(scope, loopback_listener=self._loopback_listener)
             if method not in METHOD_PERMISSIONS:
                 raise _method_not_allowed(method)
             check_no_method_override(scope)
             required = self._policy.required_permission(method, target.segments)
-            self._policy.check(required, datetime.now(UTC))
-            await self._forwarder(scope, receive, send, target.raw, exchange)
+            self._policy.check(required, token.expires_at, datetime.now(UTC))
+            await self._forwarder(scope, receive, send, target.raw, exchange, token.authorization)
+            self._health.upstream_answered(token, exchange.status, exchange.error_code)
+            self._metrics.ratelimit_remaining(exchange.ratelimit_remaining)
         except ProxyError as error:
             await self._refuse(send, error, exchange)
+        except asyncio.CancelledError:
+            # Only uvicorn cancels this task: the shutdown grace period ran out. Answer if we
+            # still can, then end quietly; the server no longer waits for this task.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if exchange.status:
+                exchange.decision = SHUTTING_DOWN.decision
+                exchange.error_code = SHUTTING_DOWN.error_code
+            else:
+                await self._refuse(send, SHUTTING_DOWN, exchange)
         except Exception:
             if exchange.status:
                 # The response has started: only uvicorn can close the connection now.
@@ -101,7 +128,7 @@ class ProxyEndpoint:
             self._audit.exception("internal_error", request_id=exchange.request_id)
             await self._refuse(send, INTERNAL_ERROR, exchange)
         finally:
-            self._log(scope, required, exchange, started)
+            self._finish(scope, route, required, token, exchange, started)
 
     async def _refuse(self, send: Send, error: ProxyError, exchange: Exchange) -> None:
         exchange.status = error.status
@@ -109,23 +136,42 @@ class ProxyEndpoint:
         exchange.error_code = error.error_code
         exchange.bytes_out = await send_error(send, error, exchange.request_id)
 
-    def _log(
-        self, scope: Scope, required: Permission | None, exchange: Exchange, started: float
+    def _finish(
+        self,
+        scope: Scope,
+        route: str | None,
+        required: Permission | None,
+        token: UpstreamToken,
+        exchange: Exchange,
+        started: float,
     ) -> None:
+        seconds = time.perf_counter() - started
+        upstream_ms = exchange.upstream_ms
+        self._metrics.request(
+            method=scope["method"],
+            route=route,
+            status=exchange.status,
+            decision=exchange.decision,
+            client=_ANONYMOUS,
+            seconds=seconds,
+            upstream_seconds=None if upstream_ms is None else upstream_ms / 1000,
+        )
         self._audit.info(
             "request",
             request_id=exchange.request_id,
-            client=peer_address(scope),
+            client=_ANONYMOUS,
+            peer=peer_address(scope),
             method=scope["method"][:16],
             path=scope["raw_path"][:_MAX_LOGGED_PATH].decode("latin-1"),
+            route=route,
             query_keys=_query_keys(scope["query_string"]),
             status=exchange.status,
             decision=exchange.decision,
             required_permission=required,
             error_code=exchange.error_code,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            upstream_ms=None if exchange.upstream_ms is None else round(exchange.upstream_ms, 3),
+            duration_ms=round(seconds * 1000, 3),
+            upstream_ms=None if upstream_ms is None else round(upstream_ms, 3),
             bytes_in=exchange.bytes_in,
             bytes_out=exchange.bytes_out,
-            token_fingerprint=self._fingerprint,
+            token_fingerprint=token.fingerprint,
         )

@@ -130,22 +130,20 @@ def check_no_method_override(scope: Scope) -> None:
 
 
 class Policy:
-    """The token's permissions and expiry plus the route rules, compiled once at start-up."""
+    """The token's permissions plus the route rules, compiled once at start-up."""
 
-    def __init__(
-        self,
-        *,
-        granted: frozenset[Permission],
-        expires_at: datetime | None,
-        rules: Iterable[RuleSpec] = (),
-    ) -> None:
+    def __init__(self, *, granted: frozenset[Permission], rules: Iterable[RuleSpec] = ()) -> None:
         self.granted = granted
-        self.expires_at = expires_at
         # Operator rules come first so they override the shipped defaults.
         self._rules = tuple(
             _Rule(spec.method, tuple(spec.path.strip("/").split("/")), spec.permission)
             for spec in (*rules, *DEFAULT_RULES)
         )
+
+    @property
+    def route_names(self) -> frozenset[str]:
+        """The path names the rules spell out; route templates keep them (`route_template`)."""
+        return frozenset(part for rule in self._rules for part in rule.segments if part != "*")
 
     def required_permission(self, method: str, segments: tuple[str, ...]) -> Permission:
         """The permission that `method` on the decoded upstream path `segments` needs."""
@@ -154,13 +152,13 @@ class Policy:
                 return rule.permission
         return METHOD_PERMISSIONS[method]
 
-    def check(self, required: Permission, now: datetime) -> None:
+    def check(self, required: Permission, expires_at: datetime | None, now: datetime) -> None:
         """Raise the InvoisX-shaped refusal when the token is expired or lacks `required`."""
-        if self.expires_at is not None and now >= self.expires_at:
+        if expires_at is not None and now >= expires_at:
             raise ProxyError(
                 401,
                 "TOKEN_EXPIRED",
-                f"The InvoisX API token expired at {self.expires_at.isoformat()} "
+                f"The InvoisX API token expired at {expires_at.isoformat()} "
                 "(INVOISX_TOKEN_EXPIRES_AT). Create a new token and update the proxy.",
                 decision="expired",
             )

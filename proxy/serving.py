@@ -39,6 +39,8 @@ def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.C
         # InvoisX's own Date header passes through; a second one would be confusing.
         "date_header": False,
         "loop": "asyncio",
+        # On SIGTERM: stop accepting, let calls in flight finish for up to this long.
+        "timeout_graceful_shutdown": settings.shutdown_grace,
     }
     return uvicorn.Config(app, **(defaults | options))
 

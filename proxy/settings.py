@@ -18,7 +18,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from proxy.policy import Permission, parse_permissions
 
-__all__ = ["MALAYSIA_TIME", "ConfigError", "Settings", "is_loopback", "load_settings"]
+__all__ = [
+    "MALAYSIA_TIME",
+    "ConfigError",
+    "Settings",
+    "is_loopback",
+    "load_settings",
+    "parse_expiry",
+]
 
 # InvoisX is a Malaysian service; Malaysia keeps UTC+8 all year, so a fixed offset is exact.
 MALAYSIA_TIME = timezone(timedelta(hours=8), "MYT")
@@ -41,6 +48,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def parse_expiry(value: str) -> datetime:
+    """An expiry as written by an operator: a bare date is the end of that day, Malaysia time."""
+    value = value.strip()
+    if _DATE.fullmatch(value):
+        # The day shown in the dashboard: valid through that day.
+        return datetime.combine(
+            date.fromisoformat(value) + timedelta(days=1), time(), MALAYSIA_TIME
+        )
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=MALAYSIA_TIME)
 
 
 class Settings(BaseSettings):
@@ -66,6 +85,16 @@ class Settings(BaseSettings):
     log_file: Path | None = Field(None, validation_alias="INVOISX_PROXY_LOG_FILE")
     upstream_timeout: float = Field(30.0, validation_alias="INVOISX_PROXY_UPSTREAM_TIMEOUT", gt=0)
     max_body_bytes: int = Field(10_485_760, validation_alias="INVOISX_PROXY_MAX_BODY_BYTES", ge=0)
+    expiry_warning_days: int = Field(
+        30, validation_alias="INVOISX_TOKEN_EXPIRY_WARNING_DAYS", ge=0, le=3650
+    )
+    reload_interval: float = Field(
+        2.0, validation_alias="INVOISX_PROXY_RELOAD_INTERVAL", gt=0, le=3600
+    )
+    ready_probe_interval: float = Field(
+        0.0, validation_alias="INVOISX_PROXY_READY_PROBE_INTERVAL", ge=0
+    )
+    shutdown_grace: float = Field(20.0, validation_alias="INVOISX_PROXY_SHUTDOWN_GRACE", ge=0)
 
     @field_validator("token_permissions", mode="before")
     @classmethod
@@ -80,10 +109,16 @@ class Settings(BaseSettings):
     @field_validator("token_expires_at", mode="before")
     @classmethod
     def _date_means_end_of_day(cls, value: Any) -> Any:
-        # A bare date is the day shown in the dashboard: valid through that day, Malaysia time.
         if isinstance(value, str) and _DATE.fullmatch(value.strip()):
-            day = date.fromisoformat(value.strip()) + timedelta(days=1)
-            return datetime.combine(day, time(), MALAYSIA_TIME)
+            return parse_expiry(value)
+        return value
+
+    @field_validator("ready_probe_interval")
+    @classmethod
+    def _probe_rarely(cls, value: float) -> float:
+        # Every probe spends one of the token's 60 calls a minute.
+        if 0 < value < 60:
+            raise ValueError("must be 0 (off) or at least 60 seconds")
         return value
 
     @field_validator("token_expires_at")

@@ -10,6 +10,9 @@ import asyncio
 import itertools
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -219,3 +222,75 @@ def start_sandbox_upstream() -> Iterator[Callable[..., Sandbox]]:
             return Sandbox(app=app, url=f"{url}/api/v1", token=token)
 
         yield start
+
+
+def subprocess_env(**values: str) -> dict[str, str]:
+    """This process's environment without INVOISX_* variables, plus `values`."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith("INVOISX_")}
+    return base | values
+
+
+class ProxyProcess:
+    """`python -m proxy serve` as a real process (signals need it), its output in a file."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.output_path = tmp_path / f"proxy-{self.port}.out"
+        with self.output_path.open("wb") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "serve", "--port", str(self.port)],
+                env=subprocess_env(**env),
+                cwd=tmp_path,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 15
+        while not self._answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"the proxy did not start:\n{self.output_path.read_text()}")
+            time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Every JSON line the process printed so far."""
+        return [json.loads(line) for line in self.output_path.read_text().splitlines()]
+
+    def wait_for(self, event: str, timeout: float = 5) -> dict[str, Any]:
+        """The first line with this `event`, waiting up to `timeout` seconds for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.lines() if line["event"] == event]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event!r} line:\n{self.output_path.read_text()}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+@pytest.fixture
+def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Start proxy processes with the given INVOISX_* environment; all are killed at the end."""
+    started: list[ProxyProcess] = []
+
+    def spawn(**env: str) -> ProxyProcess:
+        started.append(ProxyProcess(tmp_path, env))
+        return started[-1]
+
+    yield spawn
+    for running in started:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()

@@ -19,8 +19,10 @@ FIELDS = {
     "event",
     "request_id",
     "client",
+    "peer",
     "method",
     "path",
+    "route",
     "query_keys",
     "status",
     "decision",
@@ -45,8 +47,8 @@ def test_forwarded_line_has_every_field(proxy: RunningProxy) -> None:
     assert set(line) == FIELDS
     assert line["event"] == "request"
     assert line["request_id"] == "erp-42.7"
-    assert line["client"] == "127.0.0.1"
-    assert (line["method"], line["path"]) == ("GET", "/api/v1/buyers")
+    assert (line["client"], line["peer"]) == ("anonymous", "127.0.0.1")
+    assert (line["method"], line["path"], line["route"]) == ("GET", "/api/v1/buyers", "/buyers")
     assert line["query_keys"] == ["page", "search"]
     assert (line["status"], line["decision"], line["error_code"]) == (200, "forwarded", None)
     assert line["required_permission"] == "read"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,14 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TOKEN, Recorder, free_port
+from tests.conftest import TOKEN, Recorder, free_port, subprocess_env
 
 COMMAND = [sys.executable, "-m", "proxy"]
-
-
-def _env(**values: str) -> dict[str, str]:
-    base = {key: value for key, value in os.environ.items() if not key.startswith("INVOISX_")}
-    return base | values
 
 
 @pytest.mark.parametrize(
@@ -54,7 +48,12 @@ def test_bad_settings_exit_2_with_one_line(
     tmp_path: Path, env: dict[str, str], args: list[str], line: str
 ) -> None:
     result = subprocess.run(
-        [*COMMAND, *args], env=_env(**env), cwd=tmp_path, capture_output=True, text=True, timeout=30
+        [*COMMAND, *args],
+        env=subprocess_env(**env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert result.stdout == ""
@@ -69,7 +68,7 @@ def test_serve_forwards_and_logs_json_until_sigterm(
 ) -> None:
     stand_in, upstream = recorder
     port = free_port()
-    env = _env(INVOISX_API_TOKEN=TOKEN, INVOISX_API_URL=upstream)
+    env = subprocess_env(INVOISX_API_TOKEN=TOKEN, INVOISX_API_URL=upstream)
     with subprocess.Popen(
         [*COMMAND, "serve", "--port", str(port)],
         env=env,
@@ -104,7 +103,7 @@ def test_serve_forwards_and_logs_json_until_sigterm(
 def test_dotenv_in_working_directory_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("INVOISX_API_TOKEN=x\nINVOISX_TOKEN_PERMISSIONS=read,root\n")
     result = subprocess.run(
-        COMMAND, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=30
+        COMMAND, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2
     assert "INVOISX_TOKEN_PERMISSIONS: unknown permission 'root'" in result.stderr

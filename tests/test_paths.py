@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from proxy.errors import ProxyError
-from proxy.paths import parse_target
+from proxy.paths import KNOWN_NAMES, parse_target, route_template
 from tests.conftest import Recorder, RunningProxy
 
 ATTACKS = [
@@ -122,3 +122,25 @@ def test_outside_api_over_the_wire_is_404_envelope(
     assert response.startswith(b"HTTP/1.1 404 ")
     assert b'"error_code":"NOT_FOUND"' in response
     assert recorder[0].requests == []
+
+
+@pytest.mark.parametrize(
+    ("segments", "template"),
+    [
+        (("buyers",), "/buyers"),
+        (("buyers", "5f0c2a9e-1b7d-4c1e-9a55-2f7e3c1d9b10"), "/buyers/{id}"),
+        (("invoices", "inv_7", "submit"), "/invoices/{id}/submit"),
+        (("invoices", "inv_7", "pdf-export"), "/invoices/{id}/{name}"),
+        (("zz-unknown-resource",), "/{name}"),
+        (("invoices", "a", "cancel", "b", "c", "d"), "/invoices/{id}/cancel/{id}/*"),
+    ],
+)
+def test_route_template_keeps_names_and_hides_ids(segments: tuple[str, ...], template: str) -> None:
+    assert route_template(segments) == template
+
+
+def test_route_templates_are_a_bounded_set() -> None:
+    # Whatever a client sends, at most (names + 1)^2 templates of each depth exist.
+    made = {route_template((f"r{i}", f"id{i}", f"a{i}", f"x{i}", f"y{i}")) for i in range(1000)}
+    assert made == {"/{name}/{id}/{name}/{id}/*"}
+    assert route_template(("reports",), KNOWN_NAMES | {"reports"}) == "/reports"

@@ -34,7 +34,7 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
     ],
 )
 def test_default_required_permissions(method: str, path: str, needed: Permission) -> None:
-    policy = Policy(granted=frozenset(), expires_at=None)
+    policy = Policy(granted=frozenset())
     assert policy.required_permission(method, tuple(path.split("/"))) == needed
 
 
@@ -43,7 +43,7 @@ def test_operator_rules_override_defaults() -> None:
         RuleSpec(method="post", path="/invoices/*/submit", permission=Permission.CREATE),
         RuleSpec(method="GET", path="/reports/*", permission=Permission.UPDATE),
     ]
-    policy = Policy(granted=frozenset(), expires_at=None, rules=rules)
+    policy = Policy(granted=frozenset(), rules=rules)
     assert policy.required_permission("POST", ("invoices", "9", "submit")) == Permission.CREATE
     assert policy.required_permission("POST", ("invoices", "9", "cancel")) == Permission.UPDATE
     assert policy.required_permission("GET", ("reports", "monthly")) == Permission.UPDATE
@@ -71,10 +71,10 @@ def test_parse_permissions() -> None:
 
 
 def test_check_names_the_missing_permission_and_setting() -> None:
-    policy = Policy(granted=frozenset({Permission.READ}), expires_at=None)
-    policy.check(Permission.READ, NOW)
+    policy = Policy(granted=frozenset({Permission.READ}))
+    policy.check(Permission.READ, None, NOW)
     with pytest.raises(ProxyError) as caught:
-        policy.check(Permission.DELETE, NOW)
+        policy.check(Permission.DELETE, None, NOW)
     error = caught.value
     assert (error.status, error.error_code, error.decision) == (403, "FORBIDDEN", "denied")
     assert "'delete'" in error.message and "INVOISX_TOKEN_PERMISSIONS" in error.message
@@ -82,10 +82,10 @@ def test_check_names_the_missing_permission_and_setting() -> None:
 
 
 def test_check_expiry_boundary() -> None:
-    policy = Policy(granted=frozenset({Permission.READ}), expires_at=NOW)
-    policy.check(Permission.READ, NOW - timedelta(microseconds=1))
+    policy = Policy(granted=frozenset({Permission.READ}))
+    policy.check(Permission.READ, NOW, NOW - timedelta(microseconds=1))
     with pytest.raises(ProxyError) as caught:
-        policy.check(Permission.READ, NOW)
+        policy.check(Permission.READ, NOW, NOW)
     assert (caught.value.status, caught.value.error_code) == (401, "TOKEN_EXPIRED")
 
 
@@ -181,7 +181,7 @@ def test_unknown_method_is_405(proxy: RunningProxy, recorder: Upstream) -> None:
 
 def test_get_rules_hold_for_head() -> None:
     rules = [RuleSpec(method="GET", path="/reports/*", permission=Permission.UPDATE)]
-    policy = Policy(granted=frozenset(), expires_at=None, rules=rules)
+    policy = Policy(granted=frozenset(), rules=rules)
     assert policy.required_permission("HEAD", ("reports", "x")) == Permission.UPDATE
 
 

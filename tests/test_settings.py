@@ -129,7 +129,7 @@ def test_token_is_never_in_repr() -> None:
     token = load_token(loaded)
     assert TOKEN not in repr(loaded) and TOKEN not in str(loaded)
     assert TOKEN not in repr(token)
-    assert token.authorization == f"Bearer {TOKEN}".encode()
+    assert token.authorization == f"Bearer {TOKEN}"
     assert len(token.fingerprint) == 12
 
 
@@ -137,7 +137,19 @@ def test_token_file(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
     loaded = load_settings(env_file=None, api_token_file=path)
-    assert load_token(loaded).authorization == f"Bearer {TOKEN}".encode()
+    assert load_token(loaded).authorization == f"Bearer {TOKEN}"
+
+
+def test_token_file_expiry_line_wins_over_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(f"{TOKEN}\nexpires_at=2027-11-30\n")
+    loaded = load_settings(
+        env_file=None, api_token_file=path, token_expires_at="2026-12-31T00:00:00Z"
+    )
+    # A bare date is the end of that day in Malaysia: 2027-11-30 16:00 UTC.
+    assert load_token(loaded).expires_at == datetime(2027, 11, 30, 16, 0, tzinfo=UTC)
+    path.write_text(TOKEN)
+    assert load_token(loaded).expires_at == datetime(2026, 12, 31, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +158,8 @@ def test_token_file(tmp_path: Path) -> None:
         (None, "INVOISX_API_TOKEN_FILE: cannot read"),
         ("\n", "INVOISX_API_TOKEN_FILE: the token is empty"),
         ("two words", "INVOISX_API_TOKEN_FILE: the token contains spaces"),
-        ("tok\r\nX-Evil: 1", "INVOISX_API_TOKEN_FILE: the token contains spaces"),
+        ("tok\r\nX-Evil: 1", "INVOISX_API_TOKEN_FILE: only an expires_at=DATE line may follow"),
+        ("tok\nexpires_at=soon", "INVOISX_API_TOKEN_FILE: expires_at is not a date"),
     ],
 )
 def test_bad_token_file(tmp_path: Path, content: str | None, line: str) -> None:
