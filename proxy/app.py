@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy import __version__
 from proxy.audit import AuditLog
-from proxy.configfile import load_config_file
+from proxy.configfile import ConfigHolder, ConfigReload, build_config, load_config_file
 from proxy.credentials import TokenHolder, load_token
 from proxy.errors import INTERNAL_ERROR, envelope
 from proxy.forward import Forwarder
@@ -29,7 +29,6 @@ from proxy.health import TokenHealth
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.paths import API_PREFIX
 from proxy.pipeline import ProxyEndpoint
-from proxy.policy import Policy
 from proxy.rotation import TokenRotation, warn_before_expiry
 from proxy.settings import Settings, is_loopback
 from proxy.watch import FileWatch
@@ -83,8 +82,7 @@ class ProxyFirst:
 def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirst:
     """Build the app; raises `ConfigError` for a bad token, config file or log file."""
     tokens = TokenHolder(load_token(settings))
-    config = load_config_file(settings.config)
-    policy = Policy(granted=settings.token_permissions, rules=config.rules)
+    configs = ConfigHolder(build_config(load_config_file(settings.config), settings))
     audit = AuditLog(settings.log_file, to_stdout=audit_to_stdout)
     metrics = Metrics(tokens)
     forwarder = Forwarder(
@@ -100,7 +98,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         probe_interval=settings.ready_probe_interval,
     )
     endpoint = ProxyEndpoint(
-        policy=policy,
+        configs=configs,
         tokens=tokens,
         forwarder=forwarder,
         health=health,
@@ -114,6 +112,9 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         watches.append(
             FileWatch(settings.api_token_file, rotation.on_change, settings.reload_interval)
         )
+    if settings.config is not None:
+        reload = ConfigReload(configs, settings.config, settings, log=audit.logger)
+        watches.append(FileWatch(settings.config, reload.on_change, settings.reload_interval))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -124,11 +125,19 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
             version=__version__,
             upstream=settings.api_url,
             token_fingerprint=token.fingerprint,
-            token_permissions=sorted(policy.granted),
+            token_permissions=sorted(settings.token_permissions),
             token_expires_at=token.expires_at.isoformat() if token.expires_at else None,
             token_file=str(settings.api_token_file) if settings.api_token_file else None,
-            rules=len(config.rules),
+            rules=configs.current.rules,
+            clients=len(configs.current.clients),
         )
+        if not configs.current.clients and not is_loopback(settings.host):
+            log.warning(
+                "anonymous_access",
+                host=settings.host,
+                reason="INVOISX_PROXY_ALLOW_ANONYMOUS=true and no client keys: anyone who can "
+                "reach this address can use the token",
+            )
         background = [
             asyncio.create_task(warn_before_expiry(tokens, settings.expiry_warning_days, log)),
             *(asyncio.create_task(watch.run()) for watch in watches),
@@ -156,6 +165,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
     )
     app.router.redirect_slashes = False
     app.state.tokens = tokens
+    app.state.configs = configs
     app.state.health = health
     app.state.metrics = metrics
     return ProxyFirst(endpoint, app)

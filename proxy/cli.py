@@ -8,10 +8,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 
 from proxy import __version__
 from proxy.app import create_app
+from proxy.configfile import ConfigFile
 from proxy.demo import run_demo, run_sandbox
+from proxy.identity import ClientSpec
+from proxy.keys import config_block, key_sha256, new_key
 from proxy.serving import run_until_signalled, server_config, tune_gc
 from proxy.settings import ConfigError, Settings, load_settings
 
@@ -23,6 +27,28 @@ def serve(settings: Settings) -> None:
     server = uvicorn.Server(server_config(create_app(settings), settings))
     tune_gc()
     run_until_signalled(server)
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    """`keys new`: a new key, shown once, and its config table; `keys hash`: a key's hash."""
+    if args.keys_command == "hash":
+        key = sys.stdin.readline().strip()
+        if not key:
+            raise ConfigError("keys hash", "no key on standard input")
+        print(key_sha256(key))
+        return 0
+    try:
+        spec = ClientSpec(key_sha256="0" * 64, permissions=args.permissions.split(","))
+        ConfigFile(clients={args.name: spec})
+    except ValidationError as error:
+        message = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise ConfigError("keys new", message) from None
+    key = new_key()
+    print(f"# The key for {args.name}: shown once, the proxy keeps only its hash.")
+    print(key)
+    print("\n# Add to the config file (INVOISX_PROXY_CONFIG):")
+    print(config_block(args.name, key, spec.permissions), end="")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the proxy in front of a local InvoisX sandbox")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     demo.add_argument("--tour", action="store_true", help="run the tour through it, then exit")
+    keys = commands.add_parser("keys", help="client keys for the config file")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = key_commands.add_parser("new", help="print a new key and its [clients.NAME] table")
+    new.add_argument("name", help="the app's name, as audit lines and metrics will show it")
+    new.add_argument("--permissions", required=True, help="comma list of create,read,update,delete")
+    key_commands.add_parser("hash", help="read a key on stdin, print its key_sha256")
     sandbox = commands.add_parser("sandbox", help="only the local InvoisX sandbox")
     sandbox.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
     sandbox.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
@@ -57,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return run_demo(args.port, tour=args.tour)
+        if args.command == "keys":
+            return run_keys(args)
         if args.command == "sandbox":
             run_sandbox(args.host, args.port, args.rate_limit)
             return 0

@@ -22,6 +22,7 @@ from yarl import URL
 
 from proxy import __version__
 from proxy.errors import Decision, ProxyError
+from proxy.policy import Permission
 
 __all__ = ["Exchange", "Forwarder", "request_headers", "response_headers"]
 
@@ -69,6 +70,9 @@ class Exchange:
     """One request's progress through the proxy: what the audit line reports."""
 
     request_id: str
+    client: str
+    route: str | None = None
+    required: Permission | None = None
     status: int = 0
     decision: Decision = "forwarded"
     error_code: str | None = None

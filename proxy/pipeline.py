@@ -16,23 +16,21 @@ from urllib.parse import parse_qsl
 from starlette.types import Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
+from proxy.configfile import ActiveConfig, ConfigHolder
 from proxy.credentials import TokenHolder, UpstreamToken
 from proxy.errors import INTERNAL_ERROR, SHUTTING_DOWN, ProxyError, send_error
 from proxy.forward import Exchange, Forwarder
 from proxy.health import TokenHealth
 from proxy.identity import check_caller, peer_address
 from proxy.metrics import Metrics
-from proxy.paths import KNOWN_NAMES, parse_target, route_template
-from proxy.policy import METHOD_PERMISSIONS, Permission, Policy, check_no_method_override
+from proxy.paths import parse_target, route_template
+from proxy.policy import METHOD_PERMISSIONS, check_no_method_override
 
 __all__ = ["ProxyEndpoint"]
 
 # A client-chosen request id is reused for tracing only when it cannot disturb a log line.
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
-
-# Until client keys are configured every caller is the same, unnamed client.
-_ANONYMOUS = "anonymous"
 
 # Paths are logged as sent, but an absurd one must not blow up every log line.
 _MAX_LOGGED_PATH = 2048
@@ -66,12 +64,12 @@ def _method_not_allowed(method: str) -> ProxyError:
 
 
 class ProxyEndpoint:
-    """ASGI app for every path that is not one of the proxy's own (health)."""
+    """ASGI app for every path that is not one of the proxy's own (health, metrics)."""
 
     def __init__(
         self,
         *,
-        policy: Policy,
+        configs: ConfigHolder,
         tokens: TokenHolder,
         forwarder: Forwarder,
         health: TokenHealth,
@@ -80,34 +78,21 @@ class ProxyEndpoint:
         loopback_listener: bool,
     ) -> None:
         self._loopback_listener = loopback_listener
-        self._policy = policy
+        self._configs = configs
         self._tokens = tokens
         self._forwarder = forwarder
         self._health = health
         self._metrics = metrics
         self._audit = audit
-        self._route_names = KNOWN_NAMES | policy.route_names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        exchange = Exchange(request_id=_request_id(scope))
-        # One token for the whole call, even if a rotation swaps it meanwhile.
+        # One config and one token for the whole call, even if a reload swaps them meanwhile.
+        config = self._configs.current
         token = self._tokens.current
-        method: str = scope["method"]
-        required: Permission | None = None
-        route: str | None = None
+        exchange = Exchange(_request_id(scope), client=config.clients.before_identified)
         try:
-            target = parse_target(scope["raw_path"])
-            route = route_template(target.segments, self._route_names)
-            check_caller(scope, loopback_listener=self._loopback_listener)
-            if method not in METHOD_PERMISSIONS:
-                raise _method_not_allowed(method)
-            check_no_method_override(scope)
-            required = self._policy.required_permission(method, target.segments)
-            self._policy.check(required, token.expires_at, datetime.now(UTC))
-            await self._forwarder(scope, receive, send, target.raw, exchange, token.authorization)
-            self._health.upstream_answered(token, exchange.status, exchange.error_code)
-            self._metrics.ratelimit_remaining(exchange.ratelimit_remaining)
+            await self._run_stages(scope, receive, send, exchange, config, token)
         except ProxyError as error:
             await self._refuse(send, error, exchange)
         except asyncio.CancelledError:
@@ -128,7 +113,34 @@ class ProxyEndpoint:
             self._audit.exception("internal_error", request_id=exchange.request_id)
             await self._refuse(send, INTERNAL_ERROR, exchange)
         finally:
-            self._finish(scope, route, required, token, exchange, started)
+            self._finish(scope, token, exchange, started)
+
+    async def _run_stages(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        config: ActiveConfig,
+        token: UpstreamToken,
+    ) -> None:
+        """target -> caller and client -> policy -> forward; each stage raises `ProxyError`."""
+        target = parse_target(scope["raw_path"])
+        exchange.route = route_template(target.segments, config.route_names)
+        check_caller(scope, loopback_listener=self._loopback_listener)
+        client = config.clients.identify(scope["headers"])
+        exchange.client = client.name
+        method: str = scope["method"]
+        if method not in METHOD_PERMISSIONS:
+            raise _method_not_allowed(method)
+        check_no_method_override(scope)
+        exchange.required = config.policy.required_permission(method, target.segments)
+        config.policy.check(
+            exchange.required, token.expires_at, datetime.now(UTC), client.permissions
+        )
+        await self._forwarder(scope, receive, send, target.raw, exchange, token.authorization)
+        self._health.upstream_answered(token, exchange.status, exchange.error_code)
+        self._metrics.ratelimit_remaining(exchange.ratelimit_remaining)
 
     async def _refuse(self, send: Send, error: ProxyError, exchange: Exchange) -> None:
         exchange.status = error.status
@@ -137,37 +149,31 @@ class ProxyEndpoint:
         exchange.bytes_out = await send_error(send, error, exchange.request_id)
 
     def _finish(
-        self,
-        scope: Scope,
-        route: str | None,
-        required: Permission | None,
-        token: UpstreamToken,
-        exchange: Exchange,
-        started: float,
+        self, scope: Scope, token: UpstreamToken, exchange: Exchange, started: float
     ) -> None:
         seconds = time.perf_counter() - started
         upstream_ms = exchange.upstream_ms
         self._metrics.request(
             method=scope["method"],
-            route=route,
+            route=exchange.route,
             status=exchange.status,
             decision=exchange.decision,
-            client=_ANONYMOUS,
+            client=exchange.client,
             seconds=seconds,
             upstream_seconds=None if upstream_ms is None else upstream_ms / 1000,
         )
         self._audit.info(
             "request",
             request_id=exchange.request_id,
-            client=_ANONYMOUS,
+            client=exchange.client,
             peer=peer_address(scope),
             method=scope["method"][:16],
             path=scope["raw_path"][:_MAX_LOGGED_PATH].decode("latin-1"),
-            route=route,
+            route=exchange.route,
             query_keys=_query_keys(scope["query_string"]),
             status=exchange.status,
             decision=exchange.decision,
-            required_permission=required,
+            required_permission=exchange.required,
             error_code=exchange.error_code,
             duration_ms=round(seconds * 1000, 3),
             upstream_ms=None if upstream_ms is None else round(upstream_ms, 3),

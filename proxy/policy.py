@@ -129,6 +129,14 @@ def check_no_method_override(scope: Scope) -> None:
             )
 
 
+# A refusal names the side that lacks the permission, and where to grant it.
+_LACKS = {
+    "token": "the InvoisX token lacks (grant it in the InvoisX dashboard, then add it to "
+    "INVOISX_TOKEN_PERMISSIONS)",
+    "client": "this client's key lacks (its permissions in INVOISX_PROXY_CONFIG)",
+}
+
+
 class Policy:
     """The token's permissions plus the route rules, compiled once at start-up."""
 
@@ -152,8 +160,15 @@ class Policy:
                 return rule.permission
         return METHOD_PERMISSIONS[method]
 
-    def check(self, required: Permission, expires_at: datetime | None, now: datetime) -> None:
-        """Raise the InvoisX-shaped refusal when the token is expired or lacks `required`."""
+    def check(
+        self,
+        required: Permission,
+        expires_at: datetime | None,
+        now: datetime,
+        client_permissions: frozenset[Permission] | None = None,
+    ) -> None:
+        """Raise the InvoisX-shaped refusal when the token is expired, or when the token or
+        the calling client (its `client_permissions`; None: no limit) lacks `required`."""
         if expires_at is not None and now >= expires_at:
             raise ProxyError(
                 401,
@@ -162,13 +177,18 @@ class Policy:
                 "(INVOISX_TOKEN_EXPIRES_AT). Create a new token and update the proxy.",
                 decision="expired",
             )
-        if required not in self.granted:
+        lacks = {
+            "token": required not in self.granted,
+            "client": client_permissions is not None and required not in client_permissions,
+        }
+        missing = [side for side, lacking in lacks.items() if lacking]
+        if missing:
             raise ProxyError(
                 403,
                 "FORBIDDEN",
-                f"This request needs the '{required}' permission, which the InvoisX token "
-                "lacks (INVOISX_TOKEN_PERMISSIONS). Grant it in the InvoisX dashboard and "
-                "add it to INVOISX_TOKEN_PERMISSIONS.",
+                f"This request needs the '{required}' permission, which "
+                + " and ".join(_LACKS[side] for side in missing)
+                + ".",
                 decision="denied",
-                extra={"required_permission": str(required)},
+                extra={"required_permission": str(required), "missing_from": missing},
             )

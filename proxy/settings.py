@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     )
     token_expires_at: datetime | None = Field(None, validation_alias="INVOISX_TOKEN_EXPIRES_AT")
     host: str = Field("127.0.0.1", validation_alias="INVOISX_PROXY_HOST", min_length=1)
+    allow_anonymous: bool = Field(False, validation_alias="INVOISX_PROXY_ALLOW_ANONYMOUS")
     port: int = Field(8080, validation_alias="INVOISX_PROXY_PORT", ge=0, le=65535)
     config: Path | None = Field(None, validation_alias="INVOISX_PROXY_CONFIG")
     log_file: Path | None = Field(None, validation_alias="INVOISX_PROXY_LOG_FILE")

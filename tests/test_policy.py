@@ -78,7 +78,7 @@ def test_check_names_the_missing_permission_and_setting() -> None:
     error = caught.value
     assert (error.status, error.error_code, error.decision) == (403, "FORBIDDEN", "denied")
     assert "'delete'" in error.message and "INVOISX_TOKEN_PERMISSIONS" in error.message
-    assert error.extra == {"required_permission": "delete"}
+    assert error.extra == {"required_permission": "delete", "missing_from": ["token"]}
 
 
 def test_check_expiry_boundary() -> None:
