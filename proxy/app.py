@@ -89,6 +89,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         base_url=settings.api_url,
         max_body=settings.max_body_bytes,
         timeout=settings.upstream_timeout,
+        max_header_bytes=settings.max_header_bytes,
     )
     health = TokenHealth(
         tokens,

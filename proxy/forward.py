@@ -203,6 +203,14 @@ def _too_large(limit: int) -> ProxyError:
     )
 
 
+def _headers_too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        431,
+        "HEADERS_TOO_LARGE",
+        f"The request headers are larger than {limit} bytes (INVOISX_PROXY_MAX_HEADER_BYTES).",
+    )
+
+
 def _error_code(status: int, content_type: str, body: bytes) -> str | None:
     if status < 400 or "json" not in content_type:
         return None
@@ -294,9 +302,12 @@ class Forwarder:
     Use as an async context manager: the pool opens on entry and closes on exit.
     """
 
-    def __init__(self, *, base_url: str, max_body: int, timeout: float) -> None:
+    def __init__(
+        self, *, base_url: str, max_body: int, timeout: float, max_header_bytes: int = 32_768
+    ) -> None:
         self._base_url = base_url
         self._max_body = max_body
+        self._max_header_bytes = max_header_bytes
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
@@ -335,6 +346,8 @@ class Forwarder:
         Raises `ProxyError` when it fails before the response started.
         """
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if sum(len(name) + len(value) + 4 for name, value in headers) > self._max_header_bytes:
+            raise _headers_too_large(self._max_header_bytes)
         length = _content_length(headers)
         if length is not None and length > self._max_body:
             raise _too_large(self._max_body)

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     log_file: Path | None = Field(None, validation_alias="INVOISX_PROXY_LOG_FILE")
     upstream_timeout: float = Field(30.0, validation_alias="INVOISX_PROXY_UPSTREAM_TIMEOUT", gt=0)
     max_body_bytes: int = Field(10_485_760, validation_alias="INVOISX_PROXY_MAX_BODY_BYTES", ge=0)
+    max_header_bytes: int = Field(
+        32_768, validation_alias="INVOISX_PROXY_MAX_HEADER_BYTES", ge=1024
+    )
     expiry_warning_days: int = Field(
         30, validation_alias="INVOISX_TOKEN_EXPIRY_WARNING_DAYS", ge=0, le=3650
     )

@@ -227,6 +227,19 @@ def test_body_over_limit_by_content_length_is_refused(
     assert ok.status_code == 200
 
 
+def test_headers_over_limit_get_431(recorder: Upstream, start_proxy: object) -> None:
+    stand_in, upstream = recorder
+    proxy = start_proxy(upstream, max_header_bytes=4096)  # type: ignore[operator]
+    big = {"X-Trace": "t" * 5000}
+    response = httpx.get(f"{proxy.url}/api/v1/buyers", headers=big)
+    assert response.status_code == 431
+    assert response.json()["error_code"] == "HEADERS_TOO_LARGE"
+    assert "INVOISX_PROXY_MAX_HEADER_BYTES" in response.json()["message"]
+    assert stand_in.requests == []
+    assert proxy.last_audit()["decision"] == "invalid"
+    assert httpx.get(f"{proxy.url}/api/v1/buyers", headers={"X-Trace": "t" * 3000}).is_success
+
+
 def test_chunked_body_over_limit_is_refused(recorder: Upstream, start_proxy: object) -> None:
     stand_in, upstream = recorder
     proxy = start_proxy(upstream, max_body_bytes=100_000)  # type: ignore[operator]
