@@ -26,9 +26,11 @@ from proxy.credentials import TokenHolder, load_token
 from proxy.errors import INTERNAL_ERROR, envelope
 from proxy.forward import Forwarder
 from proxy.health import TokenHealth
+from proxy.idempotency import MemoryStore
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.paths import API_PREFIX
 from proxy.pipeline import ProxyEndpoint
+from proxy.ratelimit import RateLimiter
 from proxy.rotation import TokenRotation, warn_before_expiry
 from proxy.settings import Settings, is_loopback
 from proxy.watch import FileWatch
@@ -90,6 +92,14 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         max_body=settings.max_body_bytes,
         timeout=settings.upstream_timeout,
         max_header_bytes=settings.max_header_bytes,
+        limiter=RateLimiter(
+            settings.rate_limit_per_minute,
+            max_wait=settings.rate_limit_max_wait,
+            max_queue=settings.rate_limit_max_queue,
+        )
+        if settings.rate_limit_per_minute
+        else None,
+        retry_max=settings.retry_max,
     )
     health = TokenHealth(
         tokens,
@@ -105,6 +115,12 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         health=health,
         metrics=metrics,
         audit=audit.logger,
+        idempotency=MemoryStore(
+            ttl=settings.idempotency_ttl,
+            max_entries=settings.idempotency_max_entries,
+            max_bytes=settings.idempotency_max_bytes,
+        ),
+        max_body=settings.max_body_bytes,
         loopback_listener=is_loopback(settings.host),
     )
     watches = []

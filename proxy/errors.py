@@ -14,9 +14,18 @@ from starlette.types import Send
 __all__ = ["INTERNAL_ERROR", "SHUTTING_DOWN", "Decision", "ProxyError", "envelope", "send_error"]
 
 # `error` marks a failure inside the proxy itself (a bug), never a client or InvoisX problem;
-# `aborted` a call cut off because the proxy was shutting down.
+# `aborted` a call cut off because the proxy was shutting down; `replayed` an answer given
+# again for a repeated Idempotency-Key, without calling InvoisX.
 Decision = Literal[
-    "forwarded", "denied", "expired", "invalid", "upstream_error", "aborted", "error"
+    "forwarded",
+    "replayed",
+    "denied",
+    "expired",
+    "invalid",
+    "rate_limited",
+    "upstream_error",
+    "aborted",
+    "error",
 ]
 
 

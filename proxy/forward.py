@@ -23,8 +23,17 @@ from yarl import URL
 from proxy import __version__
 from proxy.errors import Decision, ProxyError
 from proxy.policy import Permission
+from proxy.ratelimit import RateLimiter
 
-__all__ = ["Exchange", "Forwarder", "request_headers", "response_headers"]
+__all__ = [
+    "Capture",
+    "ClientDisconnected",
+    "Exchange",
+    "Forwarder",
+    "read_body",
+    "request_headers",
+    "response_headers",
+]
 
 _HOP_BY_HOP = frozenset(
     {
@@ -80,6 +89,8 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     ratelimit_remaining: str | None = None
+    waited_ms: float = 0.0
+    retries: int = 0
 
 
 class ClientDisconnected(Exception):
@@ -278,6 +289,85 @@ class _RequestBody:
                 yield chunk
 
 
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
+    return chunked or bool(_content_length(headers))
+
+
+async def read_body(receive: Receive, limit: int, exchange: Exchange) -> bytes:
+    """The whole request body, for calls that must see it before forwarding (idempotency)."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        body += message.get("body", b"")
+        exchange.bytes_in = len(body)
+        if len(body) > limit:
+            raise _too_large(limit)
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
+class Capture:
+    """A copy of the response as it streams to the client, up to `limit` body bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.truncated = False
+        self.complete = False
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.headers = headers
+
+    def add(self, chunk: bytes) -> None:
+        if len(self.body) + len(chunk) > self.limit:
+            self.truncated = True
+        elif not self.truncated:
+            self.body += chunk
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempts:
+    """What each attempt at one call sends.
+
+    Only a GET or HEAD without a body is retried (nothing else can be assumed harmless twice),
+    and only when InvoisX answered 429 or 503 or the connection failed before a byte was sent.
+    """
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: _RequestBody | bytes | None
+    client_per_minute: int | None
+
+    @property
+    def retryable(self) -> bool:
+        return self.method in _RETRYABLE_METHODS and self.body is None
+
+
+_RETRYABLE_METHODS = frozenset({"GET", "HEAD"})
+_RETRYABLE_STATUSES = frozenset({429, 503})
+# Failures to connect: the request never left, so even a retry cannot repeat it.
+_NOTHING_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+def _backoff(retries: int) -> float:
+    return 0.25 * 2**retries
+
+
+def _retry_delay(response: aiohttp.ClientResponse, retries: int) -> float | None:
+    """Seconds to wait before retrying `response`'s call, or None when it is final."""
+    if response.status not in _RETRYABLE_STATUSES:
+        return None
+    retry_after = response.headers.get("retry-after", "")
+    return float(retry_after) if retry_after.isdigit() else _backoff(retries)
+
+
 def _unavailable() -> ProxyError:
     return ProxyError(
         502,
@@ -303,11 +393,20 @@ class Forwarder:
     """
 
     def __init__(
-        self, *, base_url: str, max_body: int, timeout: float, max_header_bytes: int = 32_768
+        self,
+        *,
+        base_url: str,
+        max_body: int,
+        timeout: float,
+        max_header_bytes: int = 32_768,
+        limiter: RateLimiter | None = None,
+        retry_max: int = 0,
     ) -> None:
         self._base_url = base_url
         self._max_body = max_body
         self._max_header_bytes = max_header_bytes
+        self._limiter = limiter
+        self._retry_max = retry_max
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
@@ -340,33 +439,38 @@ class Forwarder:
         path: str,
         exchange: Exchange,
         authorization: str,
+        *,
+        client_per_minute: int | None = None,
+        preread: bytes | None = None,
+        capture: Capture | None = None,
     ) -> None:
         """Forward one request to `path` below the base URL with the `authorization` header.
 
-        Raises `ProxyError` when it fails before the response started.
+        `preread` is the request body when the caller already read it (`read_body`); `capture`
+        keeps a copy of the response. Raises `ProxyError` when it fails before the response
+        started.
         """
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if sum(len(name) + len(value) + 4 for name, value in headers) > self._max_header_bytes:
-            raise _headers_too_large(self._max_header_bytes)
-        length = _content_length(headers)
-        if length is not None and length > self._max_body:
-            raise _too_large(self._max_body)
-        chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
-        has_body = chunked or bool(length)
+        self.check_request_size(headers)
         url = self._base_url + path
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
         watch = _DisconnectWatch(receive)
-        body = (
-            _RequestBody(receive, self._max_body, exchange, watch, self._timeout)
-            if has_body
-            else None
-        )
-        if body is None:
+        body: _RequestBody | bytes | None = preread or None
+        if preread is None and _has_body(headers):
+            body = _RequestBody(receive, self._max_body, exchange, watch, self._timeout)
+        if not isinstance(body, _RequestBody):
             watch.start()
-        outgoing = request_headers(headers, authorization, has_body, exchange.request_id)
+        outgoing = request_headers(headers, authorization, body is not None, exchange.request_id)
+        attempt = _Attempts(
+            method=scope["method"],
+            url=url,
+            headers=outgoing,
+            body=body,
+            client_per_minute=client_per_minute,
+        )
         try:
-            await self._exchange(scope["method"], url, outgoing, body, send, exchange, watch)
+            await self._exchange(attempt, send, exchange, watch, capture)
         except (asyncio.CancelledError, ClientDisconnected) as gone:
             if not watch.disconnected:
                 raise
@@ -395,48 +499,75 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError):
             return 0, None
 
+    def check_request_size(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """431 for headers over the limit, 413 for a declared body over it."""
+        if sum(len(name) + len(value) + 4 for name, value in headers) > self._max_header_bytes:
+            raise _headers_too_large(self._max_header_bytes)
+        length = _content_length(headers)
+        if length is not None and length > self._max_body:
+            raise _too_large(self._max_body)
+
     async def _exchange(
         self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: _RequestBody | None,
+        attempt: _Attempts,
         send: Send,
         exchange: Exchange,
         watch: _DisconnectWatch,
+        capture: Capture | None,
     ) -> None:
         started = time.perf_counter()
+        response = await self._send_with_retries(attempt, exchange, started + self._timeout)
+        exchange.upstream_ms = (time.perf_counter() - started) * 1000 - exchange.waited_ms
         try:
-            response = await self._send(method, url, headers, body)
-        except aiohttp.ConnectionTimeoutError as error:
-            raise _unavailable() from error
-        except TimeoutError as error:
-            raise _timed_out() from error
-        except aiohttp.ClientError as error:
-            if body is not None and body.error is not None:
-                raise body.error from None
-            raise _unavailable() from error
-        exchange.upstream_ms = (time.perf_counter() - started) * 1000
-        try:
-            await self._relay(response, send, exchange, watch)
+            await self._relay(response, send, exchange, watch, capture)
         finally:
             response.release()
 
-    async def _send(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: _RequestBody | None
+    async def _send_with_retries(
+        self, attempt: _Attempts, exchange: Exchange, deadline: float
     ) -> aiohttp.ClientResponse:
+        """Send, retrying only what cannot have taken effect twice (see `_Attempts`)."""
+        retries_left = self._retry_max if attempt.retryable else 0
+        while True:
+            if self._limiter is not None:
+                waited = await self._limiter.acquire(exchange.client, attempt.client_per_minute)
+                exchange.waited_ms += waited * 1000
+            try:
+                response = await self._send(attempt)
+            except _NOTHING_SENT as error:
+                delay = _backoff(exchange.retries)
+                if not retries_left or time.perf_counter() + delay >= deadline:
+                    raise _unavailable() from error
+            except TimeoutError as error:
+                raise _timed_out() from error
+            except aiohttp.ClientError as error:
+                if isinstance(attempt.body, _RequestBody) and attempt.body.error is not None:
+                    raise attempt.body.error from None
+                raise _unavailable() from error
+            else:
+                if self._limiter is not None:
+                    self._limiter.learn(response.status, response.headers)
+                delay = _retry_delay(response, exchange.retries)
+                if delay is None or not retries_left or time.perf_counter() + delay >= deadline:
+                    return response
+                response.release()
+            retries_left -= 1
+            exchange.retries += 1
+            await asyncio.sleep(delay)
+
+    async def _send(self, attempt: _Attempts) -> aiohttp.ClientResponse:
         assert self._session is not None, "use the Forwarder as an async context manager"
         request = self._session.request(
-            method,
-            URL(url, encoded=True),  # forward the path and query exactly as received
-            headers=headers,
-            data=body,
+            attempt.method,
+            URL(attempt.url, encoded=True),  # forward the path and query exactly as received
+            headers=attempt.headers,
+            data=attempt.body,
             allow_redirects=False,
         )
-        if body is None:
+        if not isinstance(attempt.body, _RequestBody):
             return await request
         async with asyncio.timeout(None) as deadline:
-            body.deadline = deadline
+            attempt.body.deadline = deadline
             return await request
 
     async def _relay(
@@ -445,16 +576,14 @@ class Forwarder:
         send: Send,
         exchange: Exchange,
         watch: _DisconnectWatch,
+        capture: Capture | None,
     ) -> None:
         exchange.status = response.status
         exchange.ratelimit_remaining = response.headers.get("x-ratelimit-remaining")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": response_headers(list(response.raw_headers), exchange.request_id),
-            }
-        )
+        headers = response_headers(list(response.raw_headers), exchange.request_id)
+        if capture is not None:
+            capture.start(response.status, headers)
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         peek = bytearray() if response.status >= 400 else None
         body = response.content
         last = body.at_eof()
@@ -465,6 +594,8 @@ class Forwarder:
             while not last:
                 chunk = await body.readany()
                 exchange.bytes_out += len(chunk)
+                if capture is not None:
+                    capture.add(chunk)
                 if peek is not None and len(peek) < _ERROR_PEEK_BYTES:
                     peek += chunk
                 # Marking the final chunk as such saves the server a separate empty message.
@@ -479,6 +610,8 @@ class Forwarder:
             exchange.decision = "upstream_error"
             exchange.error_code = "UPSTREAM_UNAVAILABLE"
             return
+        if capture is not None:
+            capture.complete = True
 
         if peek is not None and not response.headers.get("content-encoding"):
             content_type = response.headers.get("content-type", "")

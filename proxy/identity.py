@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from starlette.types import Scope
 
 from proxy.errors import ProxyError
@@ -48,6 +48,7 @@ class ClientSpec(BaseModel):
 
     key_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
     permissions: frozenset[Permission]
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("key_sha256")
     @classmethod
@@ -69,6 +70,7 @@ class Client:
 
     name: str
     permissions: frozenset[Permission] | None
+    requests_per_minute: int | None = None
 
 
 ANONYMOUS = Client("anonymous", None)
@@ -94,7 +96,7 @@ class ClientKeys:
 
     def __init__(self, specs: Mapping[str, ClientSpec]) -> None:
         self._clients = [
-            (spec.key_sha256.encode(), Client(name, spec.permissions))
+            (spec.key_sha256.encode(), Client(name, spec.permissions, spec.requests_per_minute))
             for name, spec in specs.items()
         ]
 

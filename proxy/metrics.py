@@ -70,6 +70,12 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        self._ratelimit_wait_seconds = Histogram(
+            "invoisx_proxy_ratelimit_wait_seconds",
+            "Time calls waited in the local rate-limit queue (calls that waited at all).",
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
         self._reloads = Counter(
             "invoisx_proxy_token_reloads",
             "Token file reloads, by result.",
@@ -101,6 +107,7 @@ class Metrics:
         client: str,
         seconds: float,
         upstream_seconds: float | None,
+        waited_seconds: float = 0.0,
     ) -> None:
         """Count one finished API call."""
         key = (method, route or _NO_ROUTE, status, decision, client)
@@ -114,6 +121,8 @@ class Metrics:
         self._request_seconds.observe(seconds)
         if upstream_seconds is not None:
             self._upstream_seconds.observe(upstream_seconds)
+        if waited_seconds:
+            self._ratelimit_wait_seconds.observe(waited_seconds)
 
     def ratelimit_remaining(self, value: str | None) -> None:
         """Record InvoisX's X-RateLimit-Remaining header, when it sent a number."""

@@ -19,8 +19,14 @@ from structlog.typing import FilteringBoundLogger
 from proxy.configfile import ActiveConfig, ConfigHolder
 from proxy.credentials import TokenHolder, UpstreamToken
 from proxy.errors import INTERNAL_ERROR, SHUTTING_DOWN, ProxyError, send_error
-from proxy.forward import Exchange, Forwarder
+from proxy.forward import Exchange, Forwarder, read_body
 from proxy.health import TokenHealth
+from proxy.idempotency import (
+    IdempotencyStore,
+    forward_once,
+    idempotency_key,
+    request_fingerprint,
+)
 from proxy.identity import check_caller, peer_address
 from proxy.metrics import Metrics
 from proxy.paths import parse_target, route_template
@@ -75,9 +81,13 @@ class ProxyEndpoint:
         health: TokenHealth,
         metrics: Metrics,
         audit: FilteringBoundLogger,
+        idempotency: IdempotencyStore,
+        max_body: int,
         loopback_listener: bool,
     ) -> None:
         self._loopback_listener = loopback_listener
+        self._idempotency = idempotency
+        self._max_body = max_body
         self._configs = configs
         self._tokens = tokens
         self._forwarder = forwarder
@@ -138,7 +148,39 @@ class ProxyEndpoint:
         config.policy.check(
             exchange.required, token.expires_at, datetime.now(UTC), client.permissions
         )
-        await self._forwarder(scope, receive, send, target.raw, exchange, token.authorization)
+        key = idempotency_key(scope)
+        if key is None:
+            await self._forwarder(
+                scope,
+                receive,
+                send,
+                target.raw,
+                exchange,
+                token.authorization,
+                client_per_minute=client.requests_per_minute,
+            )
+        else:
+            # The body decides whether a repeat is the same request, so it is read first.
+            self._forwarder.check_request_size(scope["headers"])
+            body = await read_body(receive, self._max_body, exchange)
+            await forward_once(
+                self._idempotency,
+                f"{client.name}:{key.decode()}",
+                request_fingerprint(scope, body),
+                lambda capture: self._forwarder(
+                    scope,
+                    receive,
+                    send,
+                    target.raw,
+                    exchange,
+                    token.authorization,
+                    client_per_minute=client.requests_per_minute,
+                    preread=body,
+                    capture=capture,
+                ),
+                send,
+                exchange,
+            )
         self._health.upstream_answered(token, exchange.status, exchange.error_code)
         self._metrics.ratelimit_remaining(exchange.ratelimit_remaining)
 
@@ -161,6 +203,7 @@ class ProxyEndpoint:
             client=exchange.client,
             seconds=seconds,
             upstream_seconds=None if upstream_ms is None else upstream_ms / 1000,
+            waited_seconds=exchange.waited_ms / 1000,
         )
         self._audit.info(
             "request",
@@ -177,6 +220,8 @@ class ProxyEndpoint:
             error_code=exchange.error_code,
             duration_ms=round(seconds * 1000, 3),
             upstream_ms=None if upstream_ms is None else round(upstream_ms, 3),
+            waited_ms=round(exchange.waited_ms, 3),
+            retries=exchange.retries,
             bytes_in=exchange.bytes_in,
             bytes_out=exchange.bytes_out,
             token_fingerprint=token.fingerprint,

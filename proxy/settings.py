@@ -99,6 +99,17 @@ class Settings(BaseSettings):
         0.0, validation_alias="INVOISX_PROXY_READY_PROBE_INTERVAL", ge=0
     )
     shutdown_grace: float = Field(20.0, validation_alias="INVOISX_PROXY_SHUTDOWN_GRACE", ge=0)
+    rate_limit_per_minute: int = Field(60, validation_alias="INVOISX_RATE_LIMIT_PER_MINUTE", ge=0)
+    rate_limit_max_wait: float = Field(10.0, validation_alias="INVOISX_RATE_LIMIT_MAX_WAIT", ge=0)
+    rate_limit_max_queue: int = Field(1000, validation_alias="INVOISX_RATE_LIMIT_MAX_QUEUE", ge=0)
+    retry_max: int = Field(2, validation_alias="INVOISX_RETRY_MAX", ge=0, le=10)
+    idempotency_ttl: float = Field(86_400.0, validation_alias="INVOISX_IDEMPOTENCY_TTL", gt=0)
+    idempotency_max_entries: int = Field(
+        10_000, validation_alias="INVOISX_IDEMPOTENCY_MAX_ENTRIES", ge=1
+    )
+    idempotency_max_bytes: int = Field(
+        67_108_864, validation_alias="INVOISX_IDEMPOTENCY_MAX_BYTES", ge=0
+    )
 
     @field_validator("token_permissions", mode="before")
     @classmethod

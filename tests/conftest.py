@@ -186,6 +186,8 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
                 "api_url": api_url,
                 "log_file": log_path,
                 "token_permissions": "create,read,update,delete",
+                # The 60-a-minute default would throttle the tests; test_ratelimit turns it on.
+                "rate_limit_per_minute": 0,
             }
             settings = load_settings(env_file=None, **(values | overrides))
             config = server_config(create_app(settings), settings, log_config=None)

@@ -30,6 +30,8 @@ FIELDS = {
     "error_code",
     "duration_ms",
     "upstream_ms",
+    "waited_ms",
+    "retries",
     "bytes_in",
     "bytes_out",
     "token_fingerprint",

@@ -7,15 +7,18 @@ import hashlib
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
 from proxy import __version__
 from proxy.forward import request_headers, response_headers
+from proxy.serving import bind, serving_in_thread
 from tests.conftest import (
     TOKEN,
     Recorded,
@@ -398,3 +401,94 @@ def test_upstream_that_stops_reading_an_upload_times_out(
     assert response.json()["error_code"] == "UPSTREAM_TIMEOUT"
     assert elapsed < 5
     assert proxy.last_audit()["decision"] == "upstream_error"
+
+
+def _answers(*statuses: int, retry_after: str | None = None) -> Callable[[Recorded], Reply]:
+    """A stand-in reply that walks through `statuses`, then answers 200."""
+    remaining = iter(statuses)
+
+    def reply(request: Recorded) -> Reply:
+        status = next(remaining, 200)
+        headers = [(b"content-type", b"application/json")]
+        if retry_after is not None and status != 200:
+            headers.append((b"retry-after", retry_after.encode()))
+        return Reply(status, headers=headers, chunks=(f'{{"status":{status}}}'.encode(),))
+
+    return reply
+
+
+def test_get_is_retried_after_503_and_429(recorder: Upstream, start_proxy: object) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = _answers(503, 429)
+    proxy = start_proxy(upstream)  # type: ignore[operator]
+    response = httpx.get(f"{proxy.url}/api/v1/buyers")
+    assert (response.status_code, response.json()) == (200, {"status": 200})
+    assert len(stand_in.requests) == 3
+    line = proxy.audit_of(response)
+    assert (line["retries"], line["status"], line["decision"]) == (2, 200, "forwarded")
+
+
+def test_retries_stop_at_the_limit(recorder: Upstream, start_proxy: object) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = _answers(503, 503, 503, 503)
+    proxy = start_proxy(upstream, retry_max=1)  # type: ignore[operator]
+    response = httpx.get(f"{proxy.url}/api/v1/buyers")
+    assert response.status_code == 503
+    assert len(stand_in.requests) == 2
+
+
+def test_retry_after_is_honoured_within_the_timeout(
+    recorder: Upstream, start_proxy: object
+) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = _answers(429, retry_after="1")
+    proxy = start_proxy(upstream, upstream_timeout=5)  # type: ignore[operator]
+    started = time.monotonic()
+    assert httpx.get(f"{proxy.url}/api/v1/buyers").status_code == 200
+    assert 1.0 <= time.monotonic() - started < 3
+    # A Retry-After past the timeout is not waited for: the 429 goes back to the client.
+    stand_in.reply = _answers(429, retry_after="60")
+    started = time.monotonic()
+    limited = httpx.get(f"{proxy.url}/api/v1/buyers")
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "60"
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+def test_unsafe_methods_are_never_retried(
+    method: str, recorder: Upstream, start_proxy: object
+) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = _answers(503)
+    proxy = start_proxy(upstream)  # type: ignore[operator]
+    response = httpx.request(method, f"{proxy.url}/api/v1/invoices/i1", content=b"{}")
+    assert response.status_code == 503
+    assert len(stand_in.requests) == 1
+
+
+def test_get_retried_when_the_connection_failed_before_sending(start_proxy: object) -> None:
+    # Nothing listens at first; a stand-in appears on that port while the proxy backs off.
+    port = free_port()
+    stand_in = Recorder()
+    upstream = f"http://127.0.0.1:{port}/api/v1"
+    proxy = start_proxy(upstream, upstream_timeout=5)  # type: ignore[operator]
+    ready = threading.Event()
+
+    def serve_soon() -> None:
+        time.sleep(0.1)
+        config = uvicorn.Config(stand_in, log_config=None, lifespan="off")
+        with serving_in_thread(config, bind("127.0.0.1", port)):
+            ready.set()
+            time.sleep(2)
+
+    server = threading.Thread(target=serve_soon)
+    server.start()
+    try:
+        response = httpx.get(f"{proxy.url}/api/v1/buyers")
+    finally:
+        server.join()
+    assert ready.is_set()
+    assert response.status_code == 200
+    assert proxy.audit_of(response)["retries"] >= 1
+    assert len(stand_in.requests) == 1

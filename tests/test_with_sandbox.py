@@ -77,7 +77,9 @@ def test_document_state_errors_pass_through_and_are_audited(
 def test_rate_limit_headers_and_429_pass_through(
     start_sandbox_upstream: Callable[..., Sandbox], start_proxy: Callable[..., RunningProxy]
 ) -> None:
-    _, proxy = _pair(start_sandbox_upstream, start_proxy, rate_limit_per_minute=2)
+    sandbox = start_sandbox_upstream(rate_limit_per_minute=2)
+    # No retries: a GET would otherwise wait out a short Retry-After and succeed.
+    proxy = start_proxy(sandbox.url, api_token=sandbox.token.value, retry_max=0)
     first = httpx.get(f"{proxy.url}/api/v1/buyers")
     assert (first.headers["x-ratelimit-limit"], first.headers["x-ratelimit-remaining"]) == (
         "2",

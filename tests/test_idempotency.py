@@ -1,0 +1,170 @@
+"""Idempotency-Key: a repeat is answered from memory, never submitted to InvoisX twice."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.errors import ProxyError
+from proxy.idempotency import MemoryStore, StoredResponse
+from proxy.keys import config_block
+from tests.conftest import Recorded, Recorder, Reply, RunningProxy
+
+SUBMIT = "/api/v1/invoices/inv_1/submit"
+SUBMITTED = b'{"success":true,"data":{"id":"inv_1","status":"submitted","uuid":"LHDN-42"}}'
+
+
+def _submitted(request: Recorded) -> Reply:
+    return Reply(201, chunks=(SUBMITTED,), delay=0.3)
+
+
+def _post(proxy: RunningProxy, key: str, body: bytes = b"{}", **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{proxy.url}{SUBMIT}", content=body, headers={"Idempotency-Key": key, **headers}
+    )
+
+
+def test_a_repeat_gets_the_stored_answer_without_calling_invoisx(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = _submitted
+    proxy = start_proxy(upstream)
+    first = _post(proxy, "submit-inv_1-attempt")
+    again = _post(proxy, "submit-inv_1-attempt")
+    assert (first.status_code, first.content) == (201, SUBMITTED)
+    assert (again.status_code, again.content) == (201, SUBMITTED)
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["x-request-id"] != first.headers["x-request-id"]
+    assert len(stand_in.requests) == 1
+    assert stand_in.requests[0].header("idempotency-key") == ["submit-inv_1-attempt"]
+    assert proxy.audit_of(first)["decision"] == "forwarded"
+    replay = proxy.audit_of(again)
+    assert (replay["decision"], replay["status"], replay["upstream_ms"]) == ("replayed", 201, None)
+
+
+def test_concurrent_duplicates_wait_for_the_first(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = _submitted
+    proxy = start_proxy(upstream)
+    responses: list[httpx.Response] = []
+    threads = [
+        threading.Thread(target=lambda: responses.append(_post(proxy, "same-key")))
+        for _ in range(5)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(stand_in.requests) == 1
+    assert [(r.status_code, r.content) for r in responses] == [(201, SUBMITTED)] * 5
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 4
+
+
+def test_the_same_key_on_another_request_is_refused(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    proxy = start_proxy(upstream)
+    assert _post(proxy, "k-1", b'{"lines":1}').status_code == 200
+    other = _post(proxy, "k-1", b'{"lines":2}')
+    assert other.status_code == 422
+    assert other.json()["error_code"] == "IDEMPOTENCY_KEY_REUSED"
+    elsewhere = httpx.put(
+        f"{proxy.url}/api/v1/buyers/b1", content=b'{"lines":1}', headers={"Idempotency-Key": "k-1"}
+    )
+    assert elsewhere.status_code == 422
+    assert len(stand_in.requests) == 1
+
+
+def test_a_failed_call_is_not_kept_so_the_client_can_retry(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    failures = iter([503, 429])
+    stand_in.reply = lambda request: Reply(next(failures, 201), chunks=(SUBMITTED,))
+    proxy = start_proxy(upstream)
+    assert _post(proxy, "retry-me").status_code == 503
+    assert _post(proxy, "retry-me").status_code == 429
+    assert _post(proxy, "retry-me").status_code == 201
+    replayed = _post(proxy, "retry-me")
+    assert (replayed.status_code, replayed.headers["idempotent-replayed"]) == (201, "true")
+    assert len(stand_in.requests) == 3
+
+
+def test_keys_belong_to_their_client(
+    tmp_path: Path, recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        config_block("billing", "ipk_billing_key_0123456789", ["update"])
+        + config_block("backoffice", "ipk_backoffice_key_012345", ["update"])
+    )
+    proxy = start_proxy(upstream, config=config)
+    for key in ("ipk_billing_key_0123456789", "ipk_backoffice_key_012345"):
+        response = _post(proxy, "nightly-1", Authorization=f"Bearer {key}")
+        assert "idempotent-replayed" not in response.headers
+    assert len(stand_in.requests) == 2
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\tkey"])
+def test_malformed_keys_are_refused(
+    key: str, recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    proxy = start_proxy(recorder[1])
+    response = _post(proxy, key)
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json()["message"]
+    assert recorder[0].requests == []
+
+
+def test_safe_methods_ignore_the_key(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    proxy = start_proxy(recorder[1])
+    for _ in range(2):
+        httpx.get(f"{proxy.url}/api/v1/buyers", headers={"Idempotency-Key": "g"})
+    assert len(recorder[0].requests) == 2
+
+
+def _stored(size: int) -> StoredResponse:
+    return StoredResponse(200, [], b"x" * size)
+
+
+def test_memory_store_is_bounded_in_bytes_count_and_time() -> None:
+    async def scenario() -> None:
+        store = MemoryStore(ttl=60, max_entries=3, max_bytes=250)
+        for key in ("a", "b", "c"):
+            assert await store.claim(key, "f") is None
+            store.finish(key, _stored(100))  # "c" takes the bytes over 250: "a" goes
+        assert await store.claim("a", "f") is None  # forgotten: a new first call
+        store.finish("a", None)
+        assert await store.claim("b", "f") == _stored(100)
+        assert await store.claim("d", "f") is None  # b, c, d: full
+        assert await store.claim("e", "f") is None  # the oldest kept answer ("b") goes
+        assert await store.claim("b", "f") is None
+
+        brief = MemoryStore(ttl=0.2, max_entries=10, max_bytes=1000)
+        assert await brief.claim("k", "f") is None
+        brief.finish("k", _stored(10))
+        await asyncio.sleep(0.25)
+        assert await brief.claim("k", "f") is None  # expired
+
+        # Keys in flight are never evicted: with every slot in flight, a new key is refused.
+        busy = MemoryStore(ttl=60, max_entries=2, max_bytes=1000)
+        for key in ("x", "y"):
+            assert await busy.claim(key, "f") is None
+        with pytest.raises(ProxyError) as caught:
+            await busy.claim("z", "f")
+        assert (caught.value.status, caught.value.error_code) == (503, "IDEMPOTENCY_STORE_FULL")
+
+    asyncio.run(scenario())
