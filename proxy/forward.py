@@ -92,6 +92,12 @@ class Exchange:
     waited_ms: float = 0.0
     retries: int = 0
 
+    def client_gone(self) -> None:
+        """Record that the client left early: not a server failure, so no error response."""
+        self.status = self.status or _CLIENT_CLOSED
+        self.decision = "upstream_error"
+        self.error_code = "CLIENT_DISCONNECTED"
+
 
 class ClientDisconnected(Exception):
     """The client went away before the exchange finished."""
@@ -477,10 +483,7 @@ class Forwarder:
             if isinstance(gone, asyncio.CancelledError):
                 # Our own watch cancelled us; nobody else asked this task to stop.
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            # The client is gone, which is not a server failure.
-            exchange.status = exchange.status or _CLIENT_CLOSED
-            exchange.decision = "upstream_error"
-            exchange.error_code = "CLIENT_DISCONNECTED"
+            exchange.client_gone()
         finally:
             watch.stop()
 

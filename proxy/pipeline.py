@@ -19,7 +19,7 @@ from structlog.typing import FilteringBoundLogger
 from proxy.configfile import ActiveConfig, ConfigHolder
 from proxy.credentials import TokenHolder, UpstreamToken
 from proxy.errors import INTERNAL_ERROR, SHUTTING_DOWN, ProxyError, send_error
-from proxy.forward import Exchange, Forwarder, read_body
+from proxy.forward import ClientDisconnected, Exchange, Forwarder, read_body
 from proxy.health import TokenHealth
 from proxy.idempotency import (
     IdempotencyStore,
@@ -105,6 +105,8 @@ class ProxyEndpoint:
             await self._run_stages(scope, receive, send, exchange, config, token)
         except ProxyError as error:
             await self._refuse(send, error, exchange)
+        except ClientDisconnected:
+            exchange.client_gone()  # while its body was being read
         except asyncio.CancelledError:
             # Only uvicorn cancels this task: the shutdown grace period ran out. Answer if we
             # still can, then end quietly; the server no longer waits for this task.

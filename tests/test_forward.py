@@ -472,7 +472,8 @@ def test_get_retried_when_the_connection_failed_before_sending(start_proxy: obje
     port = free_port()
     stand_in = Recorder()
     upstream = f"http://127.0.0.1:{port}/api/v1"
-    proxy = start_proxy(upstream, upstream_timeout=5)  # type: ignore[operator]
+    # Backing off 0.25, 0.5, 1, 2 s: room for a slow machine to start the stand-in.
+    proxy = start_proxy(upstream, upstream_timeout=10, retry_max=4)  # type: ignore[operator]
     ready = threading.Event()
 
     def serve_soon() -> None:

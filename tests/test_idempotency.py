@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -168,3 +169,20 @@ def test_memory_store_is_bounded_in_bytes_count_and_time() -> None:
         assert (caught.value.status, caught.value.error_code) == (503, "IDEMPOTENCY_STORE_FULL")
 
     asyncio.run(scenario())
+
+
+def test_a_client_leaving_mid_body_is_logged_and_keeps_no_key(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    proxy = start_proxy(recorder[1])
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            f"POST {SUBMIT} HTTP/1.1\r\nHost: {host}\r\nIdempotency-Key: half\r\n"
+            "Content-Length: 1000\r\n\r\n{".encode()
+        )
+    line = proxy.last_audit()
+    assert (line["status"], line["error_code"]) == (499, "CLIENT_DISCONNECTED")
+    assert "internal_error" not in proxy.log_path.read_text()
+    assert recorder[0].requests == []
+    assert _post(proxy, "half").status_code == 200  # the key was never claimed
