@@ -16,6 +16,7 @@ from proxy.configfile import ConfigFile
 from proxy.demo import run_demo, run_sandbox
 from proxy.identity import ClientSpec
 from proxy.keys import config_block, key_sha256, new_key
+from proxy.report import FAIL_ON, FORMATS, AuditError, audit_options, run_audit
 from proxy.serving import run_until_signalled, server_config, tune_gc
 from proxy.settings import ConfigError, Settings, load_settings
 
@@ -51,6 +52,51 @@ def run_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+# `audit`: a report of token usage from the proxy's own log; options in proxy/report/options.py.
+def _add_audit_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="report token usage and unusual activity from audit logs",
+        description="Token usage and unusual activity from the proxy's JSON-lines audit logs. "
+        "Exit status 1 when a finding reaches --fail-on, 2 for a bad option or input.",
+    )
+    audit.add_argument("logs", nargs="*", metavar="LOG", help="log files, .gz too (default stdin)")
+    audit.add_argument("--since", metavar="WHEN", help="ISO date/datetime (naive: MYT), or 24h, 7d")
+    audit.add_argument("--until", metavar="WHEN", help="exclusive end; a date includes that day")
+    audit.add_argument("--format", choices=FORMATS, help="text (default), json or csv")
+    audit.add_argument("--fail-on", choices=FAIL_ON, help="exit 1 from this severity (high)")
+    audit.add_argument("--business-hours", metavar="HH:MM-HH:MM", help="default 08:00-18:00")
+    audit.add_argument("--business-days", metavar="DAYS", help="default mon-fri; or sun-thu, ...")
+    audit.add_argument("--timezone", metavar="ZONE", help="of business hours (Asia/Kuala_Lumpur)")
+    audit.add_argument("--burst-factor", type=float, metavar="X", help="times the median (5)")
+    audit.add_argument("--burst-min", type=int, metavar="N", help="burst floor, per minute (30)")
+    audit.add_argument("--refusals", type=int, metavar="N", help="refused calls per client (10)")
+
+
+def run_audit_command(args: argparse.Namespace) -> int:
+    """`audit`: exit 0, 1 when a finding reaches --fail-on, 2 for a bad option or input."""
+    given = {
+        "since": args.since,
+        "until": args.until,
+        "output": args.format,
+        "fail_on": args.fail_on,
+        "business_hours": args.business_hours,
+        "business_days": args.business_days,
+        "timezone": args.timezone,
+        "burst_factor": args.burst_factor,
+        "burst_min": args.burst_min,
+        "refusals": args.refusals,
+    }
+    try:
+        options = audit_options(
+            **{name: value for name, value in given.items() if value is not None}
+        )
+        return run_audit(args.logs, options)
+    except AuditError as error:
+        print(f"invoisx-proxy: audit: {error}", file=sys.stderr)
+        return 2
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="invoisx-proxy",
@@ -63,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, help="listen port (INVOISX_PROXY_PORT)")
     run.add_argument("--config", help="TOML rules file (INVOISX_PROXY_CONFIG)")
     demo = commands.add_parser("demo", help="the proxy in front of a local InvoisX sandbox")
+    demo.add_argument("--host", default="127.0.0.1", help="proxy listen address (127.0.0.1)")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     demo.add_argument("--tour", action="store_true", help="run the tour through it, then exit")
     keys = commands.add_parser("keys", help="client keys for the config file")
@@ -71,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("name", help="the app's name, as audit lines and metrics will show it")
     new.add_argument("--permissions", required=True, help="comma list of create,read,update,delete")
     key_commands.add_parser("hash", help="read a key on stdin, print its key_sha256")
+    _add_audit_parser(commands)
     sandbox = commands.add_parser("sandbox", help="only the local InvoisX sandbox")
     sandbox.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1)")
     sandbox.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
@@ -88,9 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            return run_demo(args.port, tour=args.tour)
+            return run_demo(args.port, tour=args.tour, host=args.host)
         if args.command == "keys":
             return run_keys(args)
+        if args.command == "audit":
+            return run_audit_command(args)
         if args.command == "sandbox":
             run_sandbox(args.host, args.port, args.rate_limit)
             return 0

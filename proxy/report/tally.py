@@ -1,41 +1,110 @@
-"""Aggregation: what the report needs from the lines, kept as counters.
+"""Aggregation: each request inside the window, folded into counters as it streams by.
 
-Memory grows with the number of clients, routes, tokens and active minutes, never with the
-number of lines: evidence is a capped list of request ids per finding candidate.
+Memory grows with the number of distinct (client, method, route, status, decision, error
+code, token) combinations and of active minutes per client, never with the number of lines:
+evidence is a capped list of request ids per finding candidate.
 """
 
 from __future__ import annotations
 
-import math
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
-from proxy.report.options import AuditOptions, BusinessHours
-from proxy.report.records import Event, Request
+from proxy.report.options import AuditOptions
+from proxy.report.records import UNKNOWN, Event, derive_route
 
 __all__ = [
     "AUTH_FAILURE_CODES",
     "REFUSALS",
+    "Activity",
     "Baseline",
     "BusiestMinutes",
-    "Counts",
     "Evidence",
+    "Group",
+    "GroupKey",
+    "Rotations",
     "Tally",
-    "TokenUse",
+    "deletion_kind",
+    "group_key",
 ]
 
 # InvoisX refusing the token itself (revoked, expired early, unlinked from the company), as
 # opposed to FORBIDDEN, which is about one call's permission.
 AUTH_FAILURE_CODES = frozenset({"UNAUTHORIZED", "TOKEN_EXPIRED", "COMPANY_ACCESS_DENIED"})
-REFUSALS = ("denied", "expired", "invalid")
+REFUSALS = frozenset({"denied", "expired", "invalid"})
+_ABSENT = object()
+# uvicorn's messages are events too, and some carry a pid or an address: bound the names kept.
+_MAX_EVENT_NAMES = 100
+OTHER_EVENTS = "(other)"
+
+# (client, method, route, status, decision, error_code, token fingerprint), as logged: only
+# `client` and the fingerprint are checked per line; `summary` normalises the rest once per group.
+GroupKey = tuple[str, Any, Any, int, Any, Any, str | None]
 
 
-def is_auth_failure(request: Request) -> bool:
+def deletion_kind(method: object, route: object) -> str | None:
+    """`delete` for a DELETE, `cancel` for a POST to a route ending in /cancel, else None."""
+    if method == "DELETE":
+        return "delete"
+    if method == "POST" and type(route) is str and route.endswith("/cancel"):
+        return "cancel"
+    return None
+
+
+def _hashable(value: object) -> object:
+    return value if isinstance(value, str | int | float | bool | None) else UNKNOWN
+
+
+def _clean(key: tuple[Any, ...]) -> GroupKey:
+    client, method, route, status, decision, error_code, fingerprint = map(_hashable, key)
     return (
-        request.decision == "forwarded"
-        and request.status in (401, 403)
-        and request.error_code in AUTH_FAILURE_CODES
+        client if type(client) is str else UNKNOWN,
+        method,
+        route,
+        status,  # type: ignore[arg-type]  # parse_lines passes only int statuses
+        decision,
+        error_code,
+        fingerprint if type(fingerprint) is str else None,
     )
+
+
+_GROUP_FIELDS = operator.itemgetter(
+    "client", "method", "route", "status", "decision", "error_code", "token_fingerprint"
+)
+
+
+def group_key(fields: dict[str, Any]) -> GroupKey:
+    """The fields a request is counted by; a name that is not a string becomes `unknown`."""
+    try:
+        key: GroupKey = _GROUP_FIELDS(fields)  # one C call for the usual, complete line
+    except KeyError:  # an older or partial line
+        route = fields.get("route", _ABSENT)
+        if route is _ABSENT:  # written before the proxy logged routes
+            route = derive_route(fields.get("path"))
+        key = (
+            fields.get("client"),  # type: ignore[assignment]
+            fields.get("method"),
+            route,
+            fields["status"],
+            fields.get("decision"),
+            fields.get("error_code"),
+            fields.get("token_fingerprint"),
+        )
+    fingerprint = key[6]
+    if type(key[0]) is not str or not (fingerprint is None or type(fingerprint) is str):
+        return _clean(key)
+    return key
+
+
+@dataclass(slots=True)
+class Group:
+    """Requests that share every reported field but their time."""
+
+    count: int
+    first: float
+    last: float
 
 
 @dataclass(slots=True)
@@ -46,70 +115,14 @@ class Evidence:
     count: int = 0
     request_ids: list[str] = field(default_factory=list)
 
-    def add(self, request_id: str | None) -> None:
+    def add(self, request_id: object) -> None:
         self.count += 1
-        if request_id is not None and len(self.request_ids) < self.cap:
+        if type(request_id) is str and len(self.request_ids) < self.cap:
             self.request_ids.append(request_id)
 
 
-@dataclass(slots=True)
-class Counts:
-    """Requests of one client, or of one client on one route."""
-
-    requests: int = 0
-    denied: int = 0
-    expired: int = 0
-    invalid: int = 0
-    auth_failures: int = 0
-    errors: int = 0  # status 400 or above, refusals and auth failures included
-    first_seen: float = math.inf
-    last_seen: float = -math.inf
-
-    def add(self, request: Request, auth_failure: bool) -> None:
-        self.requests += 1
-        decision = request.decision
-        if decision == "denied":
-            self.denied += 1
-        elif decision == "expired":
-            self.expired += 1
-        elif decision == "invalid":
-            self.invalid += 1
-        if auth_failure:
-            self.auth_failures += 1
-        if request.status >= 400:
-            self.errors += 1
-        self.first_seen = min(self.first_seen, request.at)
-        self.last_seen = max(self.last_seen, request.at)
-
-    def merge(self, other: Counts) -> None:
-        self.requests += other.requests
-        self.denied += other.denied
-        self.expired += other.expired
-        self.invalid += other.invalid
-        self.auth_failures += other.auth_failures
-        self.errors += other.errors
-        self.first_seen = min(self.first_seen, other.first_seen)
-        self.last_seen = max(self.last_seen, other.last_seen)
-
-
-@dataclass(slots=True)
-class TokenUse:
-    """One token fingerprint: how often and when it was used, and when a rotation replaced it."""
-
-    evidence: Evidence  # the first requests, should the fingerprint be new
-    requests: int = 0
-    first_used: float = math.inf
-    last_used: float = -math.inf
-
-    def add(self, request: Request) -> None:
-        self.requests += 1
-        self.first_used = min(self.first_used, request.at)
-        self.last_used = max(self.last_used, request.at)
-        self.evidence.add(request.request_id)
-
-
 class BusiestMinutes:
-    """Request ids of a client's busiest minutes, the evidence of a burst.
+    """Request ids of a client's busiest minutes: the evidence of a burst.
 
     Which minutes are bursts is known only at the end (it depends on the median), so this keeps
     ids for the `cap` busiest minutes seen so far, `cap` ids each, and only for minutes that
@@ -118,23 +131,39 @@ class BusiestMinutes:
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
-        self.ids: dict[int, list[str]] = {}
-        self._floor = 0  # a lower bound of the smallest count among the kept minutes
+        self.ids: dict[float, list[str]] = {}
+        self._floor = 0  # at most the smallest count among the kept minutes
 
-    def note(self, minute: int, count: int, request_id: str | None, counts: dict[int, int]) -> None:
+    def note(self, minute: float, request_id: object, counts: dict[float, int]) -> None:
         ids = self.ids.get(minute)
         if ids is None:
-            if len(self.ids) >= self._cap:
-                if count <= self._floor:
-                    return
-                quietest = min(self.ids, key=counts.__getitem__)
-                self._floor = counts[quietest]
-                if count <= self._floor:
-                    return
-                del self.ids[quietest]
+            if len(self.ids) >= self._cap and not self._evict_below(counts[minute], counts):
+                return
             ids = self.ids[minute] = []
-        if request_id is not None and len(ids) < self._cap:
+        if type(request_id) is str and len(ids) < self._cap:
             ids.append(request_id)
+
+    def _evict_below(self, count: int, counts: dict[float, int]) -> bool:
+        if count <= self._floor:
+            return False
+        quietest = min(self.ids, key=counts.__getitem__)
+        self._floor = counts[quietest]
+        if count <= self._floor:
+            return False
+        del self.ids[quietest]
+        return True
+
+
+class Activity:
+    """One client's requests per minute, with the request ids findings about them may cite."""
+
+    __slots__ = ("after_hours_ids", "busiest", "first_ids", "minutes")
+
+    def __init__(self, cap: int) -> None:
+        self.minutes: dict[float, int] = {}  # minute (Unix seconds // 60) -> requests
+        self.first_ids: list[str] = []  # should the client be new
+        self.after_hours_ids: list[str] = []  # the first calls outside business hours
+        self.busiest = BusiestMinutes(cap)
 
 
 @dataclass(slots=True)
@@ -161,11 +190,12 @@ class Baseline:
     clients: set[str] = field(default_factory=set)
     fingerprints: set[str] = field(default_factory=set)
 
-    def add(self, request: Request) -> None:
+    def add(self, fields: dict[str, Any]) -> None:
         self.requests += 1
-        self.clients.add(request.client)
-        if request.fingerprint is not None:
-            self.fingerprints.add(request.fingerprint)
+        client, fingerprint = fields.get("client"), fields.get("token_fingerprint")
+        self.clients.add(client if type(client) is str else UNKNOWN)
+        if type(fingerprint) is str:
+            self.fingerprints.add(fingerprint)
 
 
 class Tally:
@@ -174,110 +204,89 @@ class Tally:
     def __init__(self, options: AuditOptions) -> None:
         self._cap = options.evidence_cap
         self._burst_min = options.thresholds.burst_min
-        self._hours: BusinessHours = options.hours
-        self.requests = 0
-        self.first_request = math.inf
-        self.last_request = -math.inf
-        self.outside_window = 0
-        self.clients: dict[str, Counts] = {}
-        self.routes: dict[tuple[str, str, str], Counts] = {}  # (client, method, route)
-        self.statuses: Counter[int] = Counter()
-        self.decisions: Counter[str] = Counter()
-        self.tokens: dict[str, TokenUse] = {}
+        self._hours = options.hours
+        self.requests_after = 0  # past --until: skipped, only counted
+        self.groups: dict[GroupKey, Group] = {}
+        self.activity: dict[str, Activity] = {}
+        self.token_ids: dict[str, list[str]] = {}  # a fingerprint's first request ids
         self.events: Counter[str] = Counter()
         self.rotations = Rotations()
-        # Finding candidates, by client or fingerprint.
-        self.client_evidence: dict[str, Evidence] = {}
+        # Finding candidates, by fingerprint, client or (client, "delete" | "cancel").
         self.auth_failures: dict[str, Evidence] = {}
-        self.auth_failure_codes: dict[str, Counter[str]] = {}
         self.refusals: dict[str, Evidence] = {}
-        self.deletions: dict[tuple[str, str], Evidence] = {}  # (client, "delete" | "cancel")
-        self.deletions_done: Counter[tuple[str, str]] = Counter()
-        self.after_hours: dict[str, Evidence] = {}
-        self.minutes: dict[str, dict[int, int]] = {}  # client -> minute -> requests
-        self.busiest: dict[str, BusiestMinutes] = {}
+        self.deletions: dict[tuple[str, str], Evidence] = {}
         # Minute -> within business hours; bounded by the minutes the log spans.
-        self._business_minute: dict[int, bool] = {}
+        self.business_minutes: dict[float, bool] = {}
 
-    def _evidence(self, table: dict[str, Evidence], key: str) -> Evidence:
+    def add_event(self, event: Event) -> None:
+        name = event.name
+        if name not in self.events and len(self.events) >= _MAX_EVENT_NAMES:
+            name = OTHER_EVENTS
+        self.events[name] += 1
+        self.rotations.add(event)
+
+    def add(self, at: float, fields: dict[str, Any]) -> None:
+        """Count one request inside the window: the hot path, kept to plain operations."""
+        key = group_key(fields)
+        try:
+            group = self.groups.get(key)
+        except TypeError:  # a list or an object where a name belongs
+            key = _clean(key)
+            group = self.groups.get(key)
+        if group is None:
+            self.groups[key] = Group(1, at, at)
+        else:
+            group.count += 1
+            if at < group.first:
+                group.first = at
+            elif at > group.last:
+                group.last = at
+        client, method, route, status, decision, error_code, fingerprint = key
+        request_id = fields.get("request_id")
+        self._activity(client, at, request_id)
+        if fingerprint is not None:
+            self._token(fingerprint, request_id)
+        if decision in REFUSALS:
+            self._candidate(self.refusals, client, request_id)
+        elif status in (401, 403) and decision == "forwarded" and error_code in AUTH_FAILURE_CODES:
+            self._candidate(self.auth_failures, fingerprint or UNKNOWN, request_id)
+        if method == "DELETE" or method == "POST":
+            kind = deletion_kind(method, route)
+            if kind is not None:
+                self._candidate(self.deletions, (client, kind), request_id)
+
+    def _candidate(self, table: dict[Any, Evidence], key: object, request_id: object) -> None:
         evidence = table.get(key)
         if evidence is None:
             evidence = table[key] = Evidence(self._cap)
-        return evidence
+        evidence.add(request_id)
 
-    def add_event(self, event: Event) -> None:
-        self.events[event.name] += 1
-        self.rotations.add(event)
+    def _token(self, fingerprint: str, request_id: object) -> None:
+        ids = self.token_ids.get(fingerprint)
+        if ids is None:
+            ids = self.token_ids[fingerprint] = []
+        if len(ids) < self._cap and type(request_id) is str:
+            ids.append(request_id)
 
-    def add(self, request: Request) -> None:
-        """Count one request inside the window."""
-        self.requests += 1
-        self.first_request = min(self.first_request, request.at)
-        self.last_request = max(self.last_request, request.at)
-        self.statuses[request.status] += 1
-        self.decisions[request.decision] += 1
-        auth_failure = is_auth_failure(request)
-        client = request.client
-        counts = self.clients.get(client)
-        if counts is None:
-            counts = self.clients[client] = Counts()
-        counts.add(request, auth_failure)
-        key = (client, request.method, request.route)
-        route = self.routes.get(key)
-        if route is None:
-            route = self.routes[key] = Counts()
-        route.add(request, auth_failure)
-        self._evidence(self.client_evidence, client).add(request.request_id)
-        if request.fingerprint is not None:
-            self._token(request)
-        if auth_failure:
-            self._auth_failure(request)
-        if request.decision in REFUSALS:
-            self._evidence(self.refusals, client).add(request.request_id)
-        self._deletion(request)
-        self._rate(request)
-
-    def _token(self, request: Request) -> None:
-        fingerprint = request.fingerprint
-        assert fingerprint is not None
-        use = self.tokens.get(fingerprint)
-        if use is None:
-            use = self.tokens[fingerprint] = TokenUse(Evidence(self._cap))
-        use.add(request)
-
-    def _auth_failure(self, request: Request) -> None:
-        fingerprint = request.fingerprint or "unknown"
-        self._evidence(self.auth_failures, fingerprint).add(request.request_id)
-        codes = self.auth_failure_codes.setdefault(fingerprint, Counter())
-        codes[request.error_code or ""] += 1
-
-    def _deletion(self, request: Request) -> None:
-        if request.method == "DELETE":
-            kind = "delete"
-        elif request.method == "POST" and request.route.endswith("/cancel"):
-            kind = "cancel"
-        else:
-            return
-        key = (request.client, kind)
-        evidence = self.deletions.get(key)
-        if evidence is None:
-            evidence = self.deletions[key] = Evidence(self._cap)
-        evidence.add(request.request_id)
-        if request.decision == "forwarded" and request.status < 400:
-            self.deletions_done[key] += 1
-
-    def _rate(self, request: Request) -> None:
-        client = request.client
-        minute = int(request.at // 60)
-        minutes = self.minutes.get(client)
-        if minutes is None:
-            minutes = self.minutes[client] = {}
-            self.busiest[client] = BusiestMinutes(self._cap)
+    def _activity(self, client: str, at: float, request_id: object) -> None:
+        activity = self.activity.get(client)
+        if activity is None:
+            activity = self.activity[client] = Activity(self._cap)
+        if len(activity.first_ids) < self._cap and type(request_id) is str:
+            activity.first_ids.append(request_id)
+        minute = at // 60
+        minutes = activity.minutes
         count = minutes[minute] = minutes.get(minute, 0) + 1
         if count >= self._burst_min:
-            self.busiest[client].note(minute, count, request.request_id, minutes)
-        business = self._business_minute.get(minute)
+            activity.busiest.note(minute, request_id, minutes)
+        business = self.business_minutes.get(minute)
         if business is None:
-            business = self._business_minute[minute] = self._hours.contains(minute * 60.0)
-        if not business:
-            self._evidence(self.after_hours, client).add(request.request_id)
+            business = self.business_minutes[minute] = self._hours.contains(minute * 60)
+        ids = activity.after_hours_ids
+        if not business and len(ids) < self._cap and type(request_id) is str:
+            ids.append(request_id)
+
+    def after_hours(self, client: str) -> int:
+        """How many of `client`'s requests fell outside business hours."""
+        business = self.business_minutes
+        return sum(n for minute, n in self.activity[client].minutes.items() if not business[minute])
