@@ -84,10 +84,14 @@ def _intro(api_url: str, audit_path: Path) -> str:
     return "\n".join(lines)
 
 
-def run_demo(port: int, *, tour: bool, out: TextIO = sys.stdout) -> int:
-    """Run sandbox + proxy; with `tour`, walk through them and return 0 only if all passed."""
+def run_demo(port: int, *, tour: bool, host: str = "127.0.0.1", out: TextIO = sys.stdout) -> int:
+    """Run sandbox + proxy; with `tour`, walk through them and return 0 only if all passed.
+
+    `host` is the proxy's listen address (`0.0.0.0` in a container); the sandbox always stays
+    on loopback, reachable only through the proxy.
+    """
     token = _token("invoisx-proxy demo", DEMO_PERMISSIONS)
-    proxy_socket = _bind("127.0.0.1", port, "--port")
+    proxy_socket = _bind(host, port, "--port")
     with tempfile.TemporaryDirectory(prefix="invoisx-proxy-demo-") as workdir, ExitStack() as stack:
         stack.callback(proxy_socket.close)
         sandbox = create_sandbox_app([token])
@@ -101,8 +105,11 @@ def run_demo(port: int, *, tour: bool, out: TextIO = sys.stdout) -> int:
             api_url=f"{sandbox_url}/api/v1",
             token_permissions=",".join(sorted(token.permissions)),
             token_expires_at=token.expires_at,
-            host="127.0.0.1",
+            host=host,
             port=port,
+            # The token opens only this process's in-memory sandbox, so an address without
+            # client keys puts nothing real at risk.
+            allow_anonymous=True,
             config=None,
             log_file=audit_path,
         )
