@@ -7,6 +7,7 @@ this one only runs them and turns a `ProxyError` from any of them into an Invois
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import time
@@ -150,17 +151,19 @@ class ProxyEndpoint:
         config.policy.check(
             exchange.required, token.expires_at, datetime.now(UTC), client.permissions
         )
+        forward = functools.partial(
+            self._forwarder,
+            scope,
+            receive,
+            send,
+            target.raw,
+            exchange,
+            token.authorization,
+            client_per_minute=client.requests_per_minute,
+        )
         key = idempotency_key(scope)
         if key is None:
-            await self._forwarder(
-                scope,
-                receive,
-                send,
-                target.raw,
-                exchange,
-                token.authorization,
-                client_per_minute=client.requests_per_minute,
-            )
+            await forward()
         else:
             # The body decides whether a repeat is the same request, so it is read first.
             self._forwarder.check_request_size(scope["headers"])
@@ -169,17 +172,7 @@ class ProxyEndpoint:
                 self._idempotency,
                 f"{client.name}:{key.decode()}",
                 request_fingerprint(scope, body),
-                lambda capture: self._forwarder(
-                    scope,
-                    receive,
-                    send,
-                    target.raw,
-                    exchange,
-                    token.authorization,
-                    client_per_minute=client.requests_per_minute,
-                    preread=body,
-                    capture=capture,
-                ),
+                lambda capture: forward(preread=body, capture=capture),
                 send,
                 exchange,
             )
