@@ -18,6 +18,7 @@ __all__ = [
     "default_proxy_cmd",
     "start_invoisx",
     "start_mitmdump",
+    "start_nginx",
     "start_nginx_proxy",
     "start_nginx_upstream",
     "start_streaming_upstream",
@@ -115,6 +116,11 @@ def _start_nginx(name: str, servers: str, workdir: Path, cpu: int | None) -> Ser
     service = start_service(name, argv, logdir=workdir, cpu=cpu)
     service.stderr_path = confdir / "error.log"
     return service
+
+
+def start_nginx(name: str, servers: str, workdir: Path, cpu: int | None) -> Service:
+    """nginx with `servers` (server and map blocks) in the benchmark's http {}; not probed."""
+    return _start_nginx(name, servers, workdir, cpu)
 
 
 def start_nginx_upstream(workdir: Path, port: int, token: str, cpu: int | None) -> Service:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from proxy import __version__
@@ -28,7 +28,6 @@ from proxy.forward import Forwarder
 from proxy.health import TokenHealth
 from proxy.idempotency import MemoryStore
 from proxy.metrics import CONTENT_TYPE, Metrics
-from proxy.paths import API_PREFIX
 from proxy.pipeline import ProxyEndpoint
 from proxy.ratelimit import RateLimiter
 from proxy.rotation import TokenRotation, warn_before_expiry
@@ -60,11 +59,17 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=INTERNAL_ERROR.status, media_type="application/json")
 
 
+# The proxy's own routes; every other HTTP path is the proxy endpoint's to answer or refuse.
+OWN_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+
+
 class ProxyFirst:
-    """ASGI entry: `/api/v1/` requests go straight to the proxy endpoint, the rest to Starlette.
+    """ASGI entry: the proxy's own routes (and lifespan) go to Starlette, every other HTTP
+    request straight to the proxy endpoint.
 
     Starlette's middleware and routing cost a measurable share of every proxied call (README,
-    Performance); the endpoint answers its own errors, so the hot path does not need them.
+    Performance); the endpoint answers its own errors (404 outside `/api/v1/` included), so
+    no path, however odd, falls through to a response outside the InvoisX envelope.
     """
 
     def __init__(self, endpoint: ProxyEndpoint, app: Starlette) -> None:
@@ -75,7 +80,7 @@ class ProxyFirst:
         if scope["type"] == "websocket":
             # InvoisX has no WebSocket API; closing before accepting answers 403.
             await send({"type": "websocket.close", "code": 1008})
-        elif scope["type"] == "http" and scope["raw_path"].startswith(API_PREFIX):
+        elif scope["type"] == "http" and scope["raw_path"] not in OWN_PATHS:
             await self.endpoint(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -175,7 +180,6 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", prometheus_metrics, methods=["GET"]),
-            Mount("", app=endpoint),
         ],
         lifespan=lifespan,
         exception_handlers={Exception: internal_error},

@@ -70,6 +70,8 @@ _USER_AGENT = f"invoisx-proxy/{__version__}"
 _WATCH_AFTER = 1.0
 # nginx's convention for "client closed the connection before the response was complete".
 _CLIENT_CLOSED = 499
+# The response headers must be in within this many upstream timeouts of the request.
+_HEADERS_WITHIN = 3
 # InvoisX error bodies are small; this bounds what is kept to read their error_code.
 _ERROR_PEEK_BYTES = 65_536
 
@@ -263,17 +265,19 @@ class _RequestBody:
         self._stall_timeout = stall_timeout
         self.error: ProxyError | ClientDisconnected | None = None
         # aiohttp has no write timeout: an upstream that stops reading would hold the upload
-        # forever. The sender arms this deadline; every chunk taken pushes it back.
+        # forever, and its read timeout restarts with every header byte. The sender sets
+        # this deadline; each chunk arms it, and the last one bounds the wait for an answer.
         self.deadline: asyncio.Timeout | None = None
 
-    def _progress(self, done: bool = False) -> None:
+    def _arm(self, seconds: float | None) -> None:
         if self.deadline is not None:
-            loop = asyncio.get_running_loop()
-            self.deadline.reschedule(None if done else loop.time() + self._stall_timeout)
+            when = None if seconds is None else asyncio.get_running_loop().time() + seconds
+            self.deadline.reschedule(when)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
-            self._progress()
+            # Waiting for the client is not InvoisX's doing: no deadline meanwhile.
+            self._arm(None)
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 self._watch.disconnected = True
@@ -284,12 +288,14 @@ class _RequestBody:
             if self._exchange.bytes_in > self._limit:
                 self.error = _too_large(self._limit)
                 raise self.error
+            # InvoisX must take this chunk in time.
+            self._arm(self._stall_timeout)
             if not message.get("more_body", False):
                 self._watch.start()
                 if chunk:
                     yield chunk
-                # From here on aiohttp's read timeout covers the wait for the answer.
-                self._progress(done=True)
+                # And then answer, as for calls without a streamed body.
+                self._arm(_HEADERS_WITHIN * self._stall_timeout)
                 return
             if chunk:
                 yield chunk
@@ -568,7 +574,10 @@ class Forwarder:
             allow_redirects=False,
         )
         if not isinstance(attempt.body, _RequestBody):
-            return await request
+            # aiohttp's read timeout catches a silent InvoisX but restarts with every byte; this
+            # bound stops one that trickles its headers, with room for a busy machine.
+            async with asyncio.timeout(_HEADERS_WITHIN * self._timeout):
+                return await request
         async with asyncio.timeout(None) as deadline:
             attempt.body.deadline = deadline
             return await request

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import pytest
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -296,3 +297,14 @@ def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         if running.process.poll() is None:
             running.process.kill()
             running.process.wait()
+
+
+# Hypothesis profiles for tests/test_properties.py: "ci" by default, "long" for a thorough run
+# (`--hypothesis-profile=long`); INVOISX_HYPOTHESIS_EXAMPLES sets the examples per test in
+# either. Registered here because the plugin loads the profile named on the command line
+# before any test module is imported.
+_EXAMPLES = os.environ.get("INVOISX_HYPOTHESIS_EXAMPLES")
+hypothesis.settings.register_profile("ci", max_examples=int(_EXAMPLES or 150), deadline=None)
+hypothesis.settings.register_profile("long", max_examples=int(_EXAMPLES or 12_000), deadline=None)
+if hypothesis.settings.get_current_profile_name() == "default":
+    hypothesis.settings.load_profile("ci")

@@ -1,0 +1,469 @@
+"""Upstream faults below HTTP, clients that leave halfway, and no leak after thousands of them.
+
+InvoisX is played by `tests.faulty.FaultServer`, a raw asyncio TCP server: it refuses, resets,
+stalls, trickles, lies about Content-Length or speaks garbage. For each fault the client must
+see the documented envelope (502 UPSTREAM_UNAVAILABLE, 504 UPSTREAM_TIMEOUT) or, once the
+response has started, a connection closed before the body is complete; and the audit line
+must say `upstream_error`. Then a few thousand mixed faults at once must leave the proxy with
+the file descriptors and asyncio tasks it had before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import RunningProxy, free_port
+from tests.faulty import OK_BODY, SMUGGLED, FaultServer, running_fault_server
+from tests.wire import PROXY_ERRORS, assert_proxy_error, parse_response
+
+TIMEOUT = 0.3  # the proxy's upstream timeout in these tests
+
+
+@pytest.fixture
+def fault() -> Iterator[FaultServer]:
+    with running_fault_server() as server:
+        yield server
+
+
+@pytest.fixture
+def faulty_proxy(fault: FaultServer, start_proxy: Callable[..., RunningProxy]) -> RunningProxy:
+    return start_proxy(f"http://127.0.0.1:{fault.port}/api/v1", upstream_timeout=TIMEOUT)
+
+
+def _port(proxy: RunningProxy) -> int:
+    return int(proxy.url.rsplit(":", 1)[1])
+
+
+def _audit(proxy: RunningProxy, request_id: str, timeout: float = 5) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in proxy.audit_lines():
+            if line["request_id"] == request_id:
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no audit line for {request_id}")
+        time.sleep(0.02)
+
+
+def _get(proxy: RunningProxy, kind: str, request_id: str, method: str = "GET") -> httpx.Response:
+    return httpx.request(
+        method,
+        f"{proxy.url}/api/v1/fault/{kind}",
+        headers={"x-request-id": request_id},
+        content=b"{}" if method == "POST" else None,
+        timeout=10,
+    )
+
+
+def _assert_envelope(response: httpx.Response, error_code: str) -> None:
+    body = response.json()
+    assert body == {
+        "success": False,
+        "message": body["message"],
+        "error_code": error_code,
+    }
+    assert isinstance(body["message"], str)
+    assert response.status_code == PROXY_ERRORS[error_code]
+    assert response.headers["x-request-id"]
+
+
+def _assert_still_serving(proxy: RunningProxy) -> None:
+    assert httpx.get(f"{proxy.url}/healthz").status_code == 200
+    response = httpx.get(f"{proxy.url}/api/v1/fault/ok")
+    assert (response.status_code, response.content) == (200, OK_BODY)
+
+
+def _truncated(proxy: RunningProxy, kind: str, request_id: str) -> int:
+    """GET a response that starts and then breaks: its status, after the body failed."""
+    with httpx.stream(
+        "GET", f"{proxy.url}/api/v1/fault/{kind}", headers={"x-request-id": request_id}
+    ) as response:
+        assert response.headers["x-request-id"] == request_id
+        with pytest.raises(httpx.RemoteProtocolError):
+            response.read()
+        return response.status_code
+
+
+# --- one fault at a time -------------------------------------------------------------------
+
+
+def test_connection_refused_is_502(start_proxy: Callable[..., RunningProxy]) -> None:
+    proxy = start_proxy(f"http://127.0.0.1:{free_port()}/api/v1", upstream_timeout=TIMEOUT)
+    for method in ("GET", "POST"):
+        response = _get(proxy, "ok", f"refused-{method}", method)
+        _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
+        line = _audit(proxy, f"refused-{method}")
+        assert (line["status"], line["decision"]) == (502, "upstream_error")
+    assert httpx.get(f"{proxy.url}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_reset_before_the_response_is_502(
+    faulty_proxy: RunningProxy, fault: FaultServer, method: str
+) -> None:
+    _assert_still_serving(faulty_proxy)  # leaves a pooled connection for the next call
+    response = _get(faulty_proxy, "reset", "reset", method)
+    _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
+    line = _audit(faulty_proxy, "reset")
+    assert (line["status"], line["decision"], line["error_code"]) == (
+        502,
+        "upstream_error",
+        "UPSTREAM_UNAVAILABLE",
+    )
+    if method == "POST":
+        # InvoisX may have acted on it: sending it again could submit twice.
+        assert fault.requests["reset"] == 1
+    _assert_still_serving(faulty_proxy)
+
+
+def test_reset_in_the_middle_of_the_body_closes_the_client_connection(
+    faulty_proxy: RunningProxy,
+) -> None:
+    assert _truncated(faulty_proxy, "reset-mid-body", "mid-body") == 200
+    line = _audit(faulty_proxy, "mid-body")
+    assert (line["status"], line["decision"]) == (200, "upstream_error")
+    _assert_still_serving(faulty_proxy)
+
+
+def test_an_answer_slower_than_the_timeout_is_504(
+    faulty_proxy: RunningProxy, fault: FaultServer
+) -> None:
+    started = time.monotonic()
+    response = _get(faulty_proxy, "slow", "slow")
+    assert time.monotonic() - started < TIMEOUT + 1
+    _assert_envelope(response, "UPSTREAM_TIMEOUT")
+    line = _audit(faulty_proxy, "slow")
+    assert (line["status"], line["decision"]) == (504, "upstream_error")
+    # The proxy hung up on InvoisX too, rather than leaving the call running there.
+    _wait_for(lambda: fault.open_connections == 0)
+    _assert_still_serving(faulty_proxy)
+
+
+def test_headers_that_never_end_are_504(faulty_proxy: RunningProxy) -> None:
+    started = time.monotonic()
+    try:
+        response = httpx.get(
+            f"{faulty_proxy.url}/api/v1/fault/trickle-headers",
+            headers={"x-request-id": "trickle"},
+            timeout=10 * TIMEOUT + 0.5,
+        )
+    finally:
+        elapsed = time.monotonic() - started
+    assert elapsed < 10 * TIMEOUT
+    _assert_envelope(response, "UPSTREAM_TIMEOUT")
+    line = _audit(faulty_proxy, "trickle")
+    assert (line["status"], line["decision"]) == (504, "upstream_error")
+
+
+def test_a_body_longer_than_advertised_is_cut_and_reaches_nobody_else(
+    faulty_proxy: RunningProxy, fault: FaultServer
+) -> None:
+    # The extra bytes are a whole second response. Whoever gets the pooled connection next
+    # must not receive it as theirs (response desynchronisation).
+    with httpx.Client(timeout=10) as client:
+        for number in range(5):
+            response = client.get(
+                f"{faulty_proxy.url}/api/v1/fault/longer",
+                headers={"x-request-id": f"longer-{number}"},
+            )
+            assert (response.status_code, response.content) == (200, b'{"success":true}')
+            for _ in range(3):
+                after = client.get(f"{faulty_proxy.url}/api/v1/fault/ok")
+                assert after.content == OK_BODY
+                assert SMUGGLED not in after.content
+    assert fault.requests["ok"] == 15
+
+
+def test_a_body_shorter_than_advertised_closes_the_client_connection(
+    faulty_proxy: RunningProxy,
+) -> None:
+    assert _truncated(faulty_proxy, "shorter", "shorter") == 200
+    line = _audit(faulty_proxy, "shorter")
+    assert (line["status"], line["decision"]) == (200, "upstream_error")
+    _assert_still_serving(faulty_proxy)
+
+
+def test_garbage_instead_of_http_is_502(faulty_proxy: RunningProxy) -> None:
+    response = _get(faulty_proxy, "garbage", "garbage")
+    _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
+    line = _audit(faulty_proxy, "garbage")
+    assert (line["status"], line["decision"]) == (502, "upstream_error")
+    _assert_still_serving(faulty_proxy)
+
+
+def test_a_client_leaving_mid_upload_stops_the_upload(
+    faulty_proxy: RunningProxy, fault: FaultServer
+) -> None:
+    with socket.create_connection(("127.0.0.1", _port(faulty_proxy))) as conn:
+        conn.sendall(
+            b"POST /api/v1/fault/ok HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: upload\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n" + b" " * 200_000
+        )
+        time.sleep(0.05)
+    line = _audit(faulty_proxy, "upload")
+    assert (line["status"], line["decision"], line["error_code"]) == (
+        499,
+        "upstream_error",
+        "CLIENT_DISCONNECTED",
+    )
+    # InvoisX saw an incomplete request, which it cannot act on.
+    _wait_for(lambda: fault.incomplete_uploads == 1)
+    assert fault.requests["ok"] == 0
+    _assert_still_serving(faulty_proxy)
+
+
+def test_a_client_pausing_mid_upload_is_not_blamed_on_invoisx(
+    faulty_proxy: RunningProxy,
+) -> None:
+    with socket.create_connection(("127.0.0.1", _port(faulty_proxy))) as conn:
+        conn.sendall(
+            b"POST /api/v1/fault/ok HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: pause\r\n"
+            b"Connection: close\r\nContent-Length: 20\r\n\r\n" + b'{"a":'
+        )
+        time.sleep(3 * TIMEOUT)
+        conn.sendall(b'"0123456789abc"}')
+        conn.settimeout(5)
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    assert b"UPSTREAM_TIMEOUT" not in raw
+    assert _audit(faulty_proxy, "pause")["error_code"] != "UPSTREAM_TIMEOUT"
+
+
+def test_a_client_leaving_mid_download_stops_the_stream(
+    faulty_proxy: RunningProxy, fault: FaultServer
+) -> None:
+    with socket.create_connection(("127.0.0.1", _port(faulty_proxy))) as conn:
+        conn.sendall(
+            b"GET /api/v1/fault/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-Request-ID: download\r\n\r\n"
+        )
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+    # The stand-in would stream for 20 s; the proxy stops it once it sees the client gone.
+    _wait_for(lambda: fault.open_connections == 0, timeout=5)
+    line = _audit(faulty_proxy, "download")
+    assert (line["status"], line["decision"], line["error_code"]) == (
+        200,
+        "upstream_error",
+        "CLIENT_DISCONNECTED",
+    )
+    assert line["bytes_out"] < 2_000_000
+    _assert_still_serving(faulty_proxy)
+
+
+# --- thousands at once, then count what is left --------------------------------------------
+
+# What the client does for each kind in the mix, and what it may see.
+_MIX = {
+    "ok": "read",
+    "reset": "read",
+    "reset-mid-body": "read",
+    "slow": "read",
+    "longer": "read",
+    "shorter": "read",
+    "garbage": "read",
+    "stream": "leave after the first bytes",
+    "trickle-headers": "leave after 0.5 s",
+    "upload": "leave mid-upload",
+}
+_EXPECTED = {
+    "ok": {"200 complete"},
+    "reset": {"502 UPSTREAM_UNAVAILABLE"},
+    "reset-mid-body": {"200 truncated"},
+    "slow": {"504 UPSTREAM_TIMEOUT"},
+    "longer": {"200 complete"},
+    "shorter": {"200 truncated"},
+    "garbage": {"502 UPSTREAM_UNAVAILABLE"},
+    "stream": {"left"},
+    "trickle-headers": {"left"},
+    "upload": {"left"},
+}
+
+
+async def _one_faulted_call(port: int, kind: str, number: int) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = f"X-Request-ID: mix-{number}\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        if kind == "upload":
+            writer.write(
+                f"POST /api/v1/fault/ok HTTP/1.1\r\n{head}Content-Length: 100000\r\n\r\n".encode()
+                + b" " * 30_000
+            )
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            return "left"
+        writer.write(f"GET /api/v1/fault/{kind} HTTP/1.1\r\n{head}\r\n".encode())
+        await writer.drain()
+        if _MIX[kind] == "leave after the first bytes":
+            await reader.read(1)
+            return "left"
+        if _MIX[kind] == "leave after 0.5 s":
+            await asyncio.sleep(0.5)
+            return "left"
+        raw = await asyncio.wait_for(reader.read(), 10)
+        response = parse_response(raw)
+        body = assert_proxy_error(response)
+        if body is not None:
+            return f"{response.status} {body['error_code']}"
+        assert SMUGGLED not in response.body
+        return f"{response.status} {'complete' if response.complete else 'truncated'}"
+    finally:
+        writer.close()
+
+
+async def _faulted_load(port: int, total: int, concurrency: int) -> Counter[str]:
+    kinds = [list(_MIX)[number % len(_MIX)] for number in range(total)]
+    random.Random(7).shuffle(kinds)
+    seen: Counter[str] = Counter()
+    numbers = iter(range(total))
+
+    async def worker() -> None:
+        for number in numbers:
+            kind = kinds[number]
+            outcome = await _one_faulted_call(port, kind, number)
+            assert outcome in _EXPECTED[kind], (kind, outcome)
+            seen[f"{kind}: {outcome}"] += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return seen
+
+
+def _sockets(*, local: int | None = None, remote: int | None = None) -> int:
+    """This process's TCP sockets with that local or remote port (any state, not LISTEN)."""
+    wanted = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if fields[3] == "0A":  # LISTEN
+                    continue
+                if (local is not None and local_port == local) or (
+                    remote is not None and remote_port == remote
+                ):
+                    wanted.add(fields[9])
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in wanted:
+            count += 1
+    return count
+
+
+def _proxy_loop(exclude: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop:
+    loops = [
+        found
+        for found in gc.get_objects()
+        if isinstance(found, asyncio.AbstractEventLoop)
+        and found.is_running()
+        and found is not exclude
+    ]
+    assert len(loops) == 1, loops
+    return loops[0]
+
+
+def _tasks(loop: asyncio.AbstractEventLoop) -> int:
+    async def count() -> int:
+        return len(asyncio.all_tasks())
+
+    return asyncio.run_coroutine_threadsafe(count(), loop).result(5)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def _resources(
+    proxy: RunningProxy, fault: FaultServer, loop: asyncio.AbstractEventLoop
+) -> dict[str, int]:
+    return {
+        "fds": len(os.listdir("/proc/self/fd")),
+        "to_upstream": _sockets(remote=fault.port),
+        "from_clients": _sockets(local=_port(proxy)),
+        "tasks": _tasks(loop),
+    }
+
+
+def test_thousands_of_faults_leak_no_sockets_or_tasks(
+    faulty_proxy: RunningProxy, fault: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    total = int(os.environ.get("INVOISX_FAULT_REQUESTS", "2000"))
+    loop = _proxy_loop(exclude=fault.loop)
+    for _ in range(3):
+        _assert_still_serving(faulty_proxy)
+    fault.close_all()
+    _wait_for(lambda: _sockets(remote=fault.port) == 0)
+    before = _resources(faulty_proxy, fault, loop)
+
+    started = time.monotonic()
+    seen = asyncio.run(_faulted_load(_port(faulty_proxy), total, concurrency=64))
+    elapsed = time.monotonic() - started
+    assert seen.total() == total
+
+    # Every call the proxy started with InvoisX has ended (idle pooled connections aside),
+    # every client connection is closed, and no task is left behind.
+    def settled() -> bool:
+        now = _resources(faulty_proxy, fault, loop)
+        return fault.busy == 0 and now["from_clients"] == 0 and now["tasks"] <= before["tasks"]
+
+    try:
+        _wait_for(settled, timeout=15)
+        # Idle keep-alive connections stay pooled; the stand-in closes them, as InvoisX would
+        # after its keep-alive timeout. Then every descriptor must be back.
+        fault.close_all()
+        _wait_for(
+            lambda: (
+                _sockets(remote=fault.port) == 0
+                and len(os.listdir("/proc/self/fd")) <= before["fds"] + 2
+            ),
+            timeout=5,
+        )
+    finally:
+        after = _resources(faulty_proxy, fault, loop)
+        logging.getLogger(__name__).warning(
+            "%d faulted calls in %.1f s: %s; before %s, after %s (busy upstream: %d)",
+            total,
+            elapsed,
+            dict(seen),
+            before,
+            after,
+            fault.busy,
+        )
+    # Every call got its audit line, and nothing in the proxy crashed.
+    lines = faulty_proxy.audit_lines(at_least=total + 3)
+    assert len([line for line in lines if line["request_id"].startswith("mix-")]) == total
+    for record in caplog.records:
+        # README: uvicorn logs each response the proxy had to leave incomplete.
+        if record.levelno >= logging.ERROR:
+            assert record.getMessage() == "ASGI callable returned without completing response."
+    _assert_still_serving(faulty_proxy)
+
+
+def test_raw_helpers_parse_what_they_should() -> None:
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel"
+    response = parse_response(raw)
+    assert (response.status, response.body, response.complete) == (200, b"hel", False)
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    assert parse_response(chunked).body == b"abc"
+    with pytest.raises(ValueError):
+        parse_response(b"\x00garbage")
