@@ -106,21 +106,27 @@ class ClientDisconnected(Exception):
 
 
 class _DisconnectWatch:
-    """Cancels the forwarding task when its client disconnects, so InvoisX work stops too.
+    """Watches a slow call: cancels it when its client disconnects, so InvoisX work stops too,
+    or when InvoisX's response headers are overdue.
 
     It may only listen once the request body has been read: before that, `receive()` belongs
     to the body stream. Listening takes a task, so it begins only when an exchange outlasts
-    `_WATCH_AFTER`: a quick answer is over before a disconnect could save much work.
+    `_WATCH_AFTER`: a quick answer is over before a disconnect could save much work. The
+    header deadline is armed at that moment too, so quick calls pay for no extra timer.
     """
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, headers_within: float) -> None:
         self._receive = receive
+        self._headers_within = headers_within
         # The request body is streamed from aiohttp's writer task, so remember the task that
         # handles the request now: that is the one to cancel.
         self._owner = asyncio.current_task()
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self.disconnected = False
+        self.headers_in = False
+        self.overdue = False
 
     def start(self) -> None:
         self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._listen)
@@ -129,14 +135,33 @@ class _DisconnectWatch:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.headers_received()
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+    def headers_received(self) -> None:
+        self.headers_in = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_overdue(self) -> None:
+        assert self._owner is not None
+        self._deadline = None
+        self.overdue = True
+        self._owner.cancel()
 
     def _listen(self) -> None:
         assert self._owner is not None
         self._timer = None
         self._task = asyncio.create_task(self._watch(self._owner))
+        if not self.headers_in:
+            # aiohttp's read timeout catches a silent InvoisX but restarts with every byte;
+            # this stops one that trickles its headers, with room for a busy machine.
+            self._deadline = asyncio.get_running_loop().call_later(
+                max(0.0, self._headers_within - _WATCH_AFTER), self._headers_overdue
+            )
 
     async def _watch(self, owner: asyncio.Task[None]) -> None:
         while (await self._receive())["type"] != "http.disconnect":
@@ -294,8 +319,8 @@ class _RequestBody:
                 self._watch.start()
                 if chunk:
                     yield chunk
-                # And then answer, as for calls without a streamed body.
-                self._arm(_HEADERS_WITHIN * self._stall_timeout)
+                # From here the watch bounds the wait for the answer, as for other calls.
+                self._arm(None)
                 return
             if chunk:
                 yield chunk
@@ -467,7 +492,7 @@ class Forwarder:
         url = self._base_url + path
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
-        watch = _DisconnectWatch(receive)
+        watch = _DisconnectWatch(receive, _HEADERS_WITHIN * self._timeout)
         body: _RequestBody | bytes | None = preread or None
         if preread is None and _has_body(headers):
             body = _RequestBody(receive, self._max_body, exchange, watch, self._timeout)
@@ -484,6 +509,9 @@ class Forwarder:
         try:
             await self._exchange(attempt, send, exchange, watch, capture)
         except (asyncio.CancelledError, ClientDisconnected) as gone:
+            if watch.overdue and isinstance(gone, asyncio.CancelledError):
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                raise _timed_out() from None
             if not watch.disconnected:
                 raise
             if isinstance(gone, asyncio.CancelledError):
@@ -526,6 +554,7 @@ class Forwarder:
     ) -> None:
         started = time.perf_counter()
         response = await self._send_with_retries(attempt, exchange, started + self._timeout)
+        watch.headers_received()
         exchange.upstream_ms = (time.perf_counter() - started) * 1000 - exchange.waited_ms
         try:
             await self._relay(response, send, exchange, watch, capture)
@@ -574,10 +603,7 @@ class Forwarder:
             allow_redirects=False,
         )
         if not isinstance(attempt.body, _RequestBody):
-            # aiohttp's read timeout catches a silent InvoisX but restarts with every byte; this
-            # bound stops one that trickles its headers, with room for a busy machine.
-            async with asyncio.timeout(_HEADERS_WITHIN * self._timeout):
-                return await request
+            return await request
         async with asyncio.timeout(None) as deadline:
             attempt.body.deadline = deadline
             return await request
