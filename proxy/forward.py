@@ -115,9 +115,10 @@ class _DisconnectWatch:
     header deadline is armed at that moment too, so quick calls pay for no extra timer.
     """
 
-    def __init__(self, receive: Receive, headers_within: float) -> None:
+    def __init__(self, receive: Receive, headers_within: float, *, listen: bool = True) -> None:
         self._receive = receive
         self._headers_within = headers_within
+        self._listen_for_disconnect = listen
         # The request body is streamed from aiohttp's writer task, so remember the task that
         # handles the request now: that is the one to cancel.
         self._owner = asyncio.current_task()
@@ -155,7 +156,8 @@ class _DisconnectWatch:
     def _listen(self) -> None:
         assert self._owner is not None
         self._timer = None
-        self._task = asyncio.create_task(self._watch(self._owner))
+        if self._listen_for_disconnect:
+            self._task = asyncio.create_task(self._watch(self._owner))
         if not self.headers_in:
             # aiohttp's read timeout catches a silent InvoisX but restarts with every byte;
             # this stops one that trickles its headers, with room for a busy machine.
@@ -492,7 +494,9 @@ class Forwarder:
         url = self._base_url + path
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
-        watch = _DisconnectWatch(receive, _HEADERS_WITHIN * self._timeout)
+        # A call whose answer is kept (idempotency) runs to the end even if its client leaves:
+        # the answer is what the client's retry will get.
+        watch = _DisconnectWatch(receive, _HEADERS_WITHIN * self._timeout, listen=capture is None)
         body: _RequestBody | bytes | None = preread or None
         if preread is None and _has_body(headers):
             body = _RequestBody(receive, self._max_body, exchange, watch, self._timeout)
@@ -511,7 +515,12 @@ class Forwarder:
         except (asyncio.CancelledError, ClientDisconnected) as gone:
             if watch.overdue and isinstance(gone, asyncio.CancelledError):
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                raise _timed_out() from None
+                if not exchange.status:
+                    raise _timed_out() from None
+                # The headers came in as the deadline fired: the response has started.
+                exchange.decision = "upstream_error"
+                exchange.error_code = "UPSTREAM_TIMEOUT"
+                return
             if not watch.disconnected:
                 raise
             if isinstance(gone, asyncio.CancelledError):

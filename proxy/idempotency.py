@@ -3,8 +3,9 @@
 A client may send `Idempotency-Key` on POST, PUT, PATCH and DELETE. The proxy remembers the key
 (per client) with a hash of the request; a repeat of the same request is answered from memory
 without calling InvoisX, a repeat still in flight waits for the first, and the same key on a
-different request is refused. Only completed answers are kept: after a 5xx, 408, 429 or a
-broken connection the key is released so the client can try again.
+different request is refused. Only completed answers are kept: after a 5xx, 408, 429, a
+refusal of the token itself or a broken connection the key is released so the client can try
+again. A client that leaves does not cut its call short: the answer is kept for its retry.
 
 Storage sits behind `IdempotencyStore`; `MemoryStore` serves one proxy process. Replicas
 would need a shared implementation (Redis, say) of the same three methods.
@@ -23,6 +24,7 @@ from typing import Protocol
 
 from starlette.types import Scope, Send
 
+from proxy.credentials import TOKEN_LEVEL_ERRORS
 from proxy.errors import ProxyError
 from proxy.forward import Capture, Exchange
 
@@ -139,10 +141,13 @@ class MemoryStore:
         entry.done.set()
 
     def _expire(self, now: float) -> None:
-        while self._entries:
-            key, entry = next(iter(self._entries.items()))
+        expired = []
+        for key, entry in self._entries.items():  # oldest first
             if entry.expires_at > now:
-                return
+                break
+            if entry.response is not None:  # a key in flight stays until it finishes
+                expired.append(key)
+        for key in expired:
             self._drop(key)
 
     def _make_room(self) -> None:
@@ -178,9 +183,11 @@ def _size(response: StoredResponse) -> int:
     return len(response.body or b"") + sum(len(n) + len(v) for n, v in response.headers)
 
 
-def _keepable(capture: Capture) -> StoredResponse | None:
+def _keepable(capture: Capture, error_code: str | None) -> StoredResponse | None:
     if not capture.complete or capture.status >= 500 or capture.status in _NOT_KEPT:
         return None
+    if error_code in TOKEN_LEVEL_ERRORS:
+        return None  # about the token, not the request: a retry after a rotation must go out
     body = None if capture.truncated else bytes(capture.body)
     return StoredResponse(capture.status, capture.headers, body)
 
@@ -219,4 +226,4 @@ async def forward_once(
     try:
         await forward(capture)
     finally:
-        store.finish(key, _keepable(capture))
+        store.finish(key, _keepable(capture, exchange.error_code))

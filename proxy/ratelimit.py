@@ -183,10 +183,21 @@ class RateLimiter:
             self._schedule(now)
 
     def _reschedule(self, now: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Schedule a round, sooner than the one planned if a newcomer can be served sooner.
+
+        Never later: calls arriving more often than a round must not keep postponing it.
+        """
+        planned = self._timer
+        self._timer = None
         self._schedule(now)
+        if planned is None:
+            return
+        assert self._timer is not None
+        if planned.when() <= self._timer.when():
+            self._timer.cancel()
+            self._timer = planned
+        else:
+            planned.cancel()
 
     def _schedule(self, now: float) -> None:
         if self._timer is not None:

@@ -186,3 +186,36 @@ def test_a_client_leaving_mid_body_is_logged_and_keeps_no_key(
     assert "internal_error" not in proxy.log_path.read_text()
     assert recorder[0].requests == []
     assert _post(proxy, "half").status_code == 200  # the key was never claimed
+
+
+def test_a_client_that_leaves_does_not_cut_its_idempotent_call_short(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = lambda request: Reply(201, chunks=(SUBMITTED,), delay=1.5)
+    proxy = start_proxy(upstream)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{proxy.url}{SUBMIT}", content=b"{}", headers={"Idempotency-Key": "k"}, timeout=1.1
+        )
+    # InvoisX carried the call out; the retry gets its answer instead of a second submission.
+    retry = _post(proxy, "k")
+    assert (retry.status_code, retry.content) == (201, SUBMITTED)
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert len(stand_in.requests) == 1
+    assert stand_in.disconnects == 0
+
+
+def test_a_token_level_refusal_is_not_kept(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    revoked = b'{"success":false,"message":"Unauthenticated.","error_code":"UNAUTHORIZED"}'
+    answers = iter([Reply(401, chunks=(revoked,))])
+    stand_in.reply = lambda request: next(answers, Reply(201, chunks=(SUBMITTED,)))
+    proxy = start_proxy(upstream)
+    assert _post(proxy, "after-rotation").status_code == 401
+    again = _post(proxy, "after-rotation")  # e.g. after the operator rotated the token
+    assert again.status_code == 201
+    assert "idempotent-replayed" not in again.headers
+    assert len(stand_in.requests) == 2

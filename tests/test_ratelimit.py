@@ -200,3 +200,28 @@ def test_zero_turns_the_limit_off(
     with httpx.Client(base_url=proxy.url) as client:
         statuses = {client.get("/api/v1/buyers").status_code for _ in range(80)}
     assert statuses == {200}
+
+
+def test_a_steady_stream_of_newcomers_cannot_postpone_the_rounds() -> None:
+    async def scenario() -> int:
+        limiter = RateLimiter(600, max_wait=2, max_queue=1000)  # 10 a second
+        for _ in range(301):  # below half: every further call queues
+            await limiter.acquire("batch")
+        granted = 0
+
+        async def call() -> None:
+            nonlocal granted
+            try:
+                await limiter.acquire("batch")
+                granted += 1
+            except ProxyError:
+                pass
+
+        calls = []
+        for _ in range(100):  # a newcomer every 5 ms, four times a round
+            calls.append(asyncio.create_task(call()))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*calls)
+        return granted
+
+    assert _run(scenario()) >= 50  # type: ignore[operator]
