@@ -6,10 +6,11 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 
+from proxy.errors import Decision
 from proxy.report.build import Report
 from proxy.report.findings import SEVERITY_RANK, Finding, plural
 from proxy.report.records import utc_iso
@@ -40,17 +41,8 @@ CSV_COLUMNS = (
     "first_seen",
     "last_seen",
 )
-# The proxy's own decisions in the order a reader expects; any other value follows by name.
-_DECISION_ORDER = (
-    "forwarded",
-    "denied",
-    "expired",
-    "invalid",
-    "rate_limited",
-    "upstream_error",
-    "aborted",
-    "error",
-)
+# The proxy's own decisions in the order they are declared; any other value follows by name.
+_DECISION_ORDER = get_args(Decision)
 
 
 def _precise(at: float) -> str | None:
