@@ -52,10 +52,9 @@ class TokenHolder:
         # Set when InvoisX refuses the current token itself; a new token clears it.
         self.rejected = False
 
-    def swap(self, token: UpstreamToken) -> UpstreamToken:
-        """Put `token` in use; return the one it replaces."""
-        old, self.current, self.rejected = self.current, token, False
-        return old
+    def swap(self, token: UpstreamToken) -> None:
+        """Put `token` in use, with no verdict from InvoisX yet."""
+        self.current, self.rejected = token, False
 
     def reject(self, token: UpstreamToken) -> bool:
         """Record InvoisX's refusal of `token`; False when it is no longer the current one."""

@@ -33,11 +33,12 @@ def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.C
         "log_config": uvicorn_log_config(),
         # The access log would print query strings; the audit log replaces it.
         "access_log": False,
-        # The peer address is the audit log's client identity: never let a header rewrite it.
+        # The audit log's `peer` must be the real TCP peer: never let a header rewrite it.
         "proxy_headers": False,
         "server_header": False,
         # InvoisX's own Date header passes through; a second one would be confusing.
         "date_header": False,
+        # uvloop left some of 256 concurrent connections waiting for seconds (README).
         "loop": "asyncio",
         # On SIGTERM: stop accepting, let calls in flight finish for up to this long.
         "timeout_graceful_shutdown": settings.shutdown_grace,
