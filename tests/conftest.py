@@ -142,6 +142,18 @@ class RunningProxy:
                 return lines
             time.sleep(0.01)
 
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The log lines with this `event` so far."""
+        return [line for line in self.log_lines() if line["event"] == event]
+
+    def wait_for_events(self, event: str, count: int, timeout: float = 5) -> list[dict[str, Any]]:
+        """The lines with this `event` once there are at least `count` (AssertionError if not)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events(event)) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} {event!r} lines"
+            time.sleep(0.02)
+        return found
+
     def last_audit(self) -> dict[str, Any]:
         """The newest audit line; only for tests that made one request to the proxy."""
         return self.audit_lines(at_least=1)[-1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,22 +202,15 @@ def test_config_reload_adds_keys_and_a_bad_file_keeps_the_last_good(
         config_block("billing-job", BILLING_KEY, ["read"]),
         config_block("reports", REPORTS_KEY, ["read"]),
     )
-    _wait_for_event(proxy, "config_reloaded", 1)
+    assert len(proxy.wait_for_events("config_reloaded", 1)) == 1
     assert httpx.get(url, headers=_bearer(REPORTS_KEY)).status_code == 200
 
     path.write_text("[clients.reports\nbroken")
-    _wait_for_event(proxy, "config_reload_failed", 1)
+    failed = proxy.wait_for_events("config_reload_failed", 1)
+    assert len(failed) == 1
     assert httpx.get(url, headers=_bearer(REPORTS_KEY)).status_code == 200
-    failed = [line for line in proxy.log_lines() if line["event"] == "config_reload_failed"]
     assert "is not valid TOML" in failed[0]["reason"]
     assert REPORTS_KEY not in proxy.log_path.read_text()
-
-
-def _wait_for_event(proxy: RunningProxy, event: str, count: int) -> None:
-    deadline = time.monotonic() + 5
-    while sum(line["event"] == event for line in proxy.log_lines()) < count:
-        assert time.monotonic() < deadline, f"no {event}"
-        time.sleep(0.02)
 
 
 def test_reload_cannot_open_a_proxy_listening_beyond_loopback(
@@ -230,8 +222,8 @@ def test_reload_cannot_open_a_proxy_listening_beyond_loopback(
     # Settings say 0.0.0.0 (the tests still serve on loopback): the guard must hold on reload.
     proxy = start_proxy(recorder[1], config=path, reload_interval=0.05, host="0.0.0.0")
     path.write_text("# every client removed\n")
-    _wait_for_event(proxy, "config_reload_failed", 1)
-    failed = [line for line in proxy.log_lines() if line["event"] == "config_reload_failed"]
+    failed = proxy.wait_for_events("config_reload_failed", 1)
+    assert len(failed) == 1
     assert failed[0]["reason"].startswith("INVOISX_PROXY_ALLOW_ANONYMOUS:")
     url = f"{proxy.url}/api/v1/buyers"
     assert httpx.get(url).status_code == 401

@@ -37,10 +37,6 @@ def _start(
     return start_proxy(upstream, api_token=None, api_token_file=path, **overrides)
 
 
-def _events(proxy: RunningProxy, event: str) -> list[dict[str, object]]:
-    return [line for line in proxy.log_lines() if line["event"] == event]
-
-
 def _wait_for(condition: Callable[[], bool], timeout: float = 5) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -96,7 +92,7 @@ def test_rotation_under_load_drops_nothing_and_lands_within_3_seconds(
     # Only calls that took the old token before the swap may still carry it.
     assert all(auth == f"Bearer {NEW}" for when, auth in seen if when > first_new + 0.5)
     assert {auth for _, auth in seen} == {f"Bearer {OLD}", f"Bearer {NEW}"}
-    reloaded = _events(proxy, "token_reloaded")
+    reloaded = proxy.events("token_reloaded")
     assert len(reloaded) == 1
     assert (reloaded[0]["old_fingerprint"], reloaded[0]["new_fingerprint"]) == (
         fingerprint(OLD),
@@ -118,14 +114,14 @@ def test_bad_file_keeps_the_last_good_token(
     proxy = _start(start_proxy, upstream, path, reload_interval=0.05)
 
     _write(path, "\n")
-    _wait_for(lambda: len(_events(proxy, "token_reload_failed")) == 1)
+    assert len(proxy.wait_for_events("token_reload_failed", 1)) == 1
     path.unlink()
-    _wait_for(lambda: len(_events(proxy, "token_reload_failed")) == 2)
+    assert len(proxy.wait_for_events("token_reload_failed", 2)) == 2
     _write(path, "two words")
-    _wait_for(lambda: len(_events(proxy, "token_reload_failed")) == 3)
+    assert len(proxy.wait_for_events("token_reload_failed", 3)) == 3
     assert httpx.get(f"{proxy.url}/api/v1/buyers").status_code == 200
     assert stand_in.requests[-1].header("authorization") == [f"Bearer {OLD}"]
-    reasons = [line["reason"] for line in _events(proxy, "token_reload_failed")]
+    reasons = [line["reason"] for line in proxy.events("token_reload_failed")]
     assert reasons[0] == "INVOISX_API_TOKEN_FILE: the token is empty"
     assert reasons[1].startswith("INVOISX_API_TOKEN_FILE: cannot read")
     assert "contains spaces" in reasons[2]
@@ -133,7 +129,7 @@ def test_bad_file_keeps_the_last_good_token(
     assert 'invoisx_proxy_token_reloads_total{result="error"} 3.0' in metrics
 
     _write(path, NEW)
-    _wait_for(lambda: len(_events(proxy, "token_reloaded")) == 1)
+    assert len(proxy.wait_for_events("token_reloaded", 1)) == 1
     assert httpx.get(f"{proxy.url}/api/v1/buyers").status_code == 200
     assert stand_in.requests[-1].header("authorization") == [f"Bearer {NEW}"]
 
