@@ -485,12 +485,13 @@ class Forwarder:
     ) -> None:
         """Forward one request to `path` below the base URL with the `authorization` header.
 
-        `preread` is the request body when the caller already read it (`read_body`); `capture`
-        keeps a copy of the response. Raises `ProxyError` when it fails before the response
-        started.
+        `preread` is the request body when the caller already read it (`read_body`, after
+        `check_request_size`); `capture` keeps a copy of the response. Raises `ProxyError` when
+        it fails before the response started.
         """
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        self.check_request_size(headers)
+        if preread is None:  # a caller that read the body has checked the sizes already
+            self.check_request_size(headers)
         url = self._base_url + path
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")

@@ -219,3 +219,14 @@ def test_a_token_level_refusal_is_not_kept(
     assert again.status_code == 201
     assert "idempotent-replayed" not in again.headers
     assert len(stand_in.requests) == 2
+
+
+def test_size_limits_hold_for_idempotent_calls(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    proxy = start_proxy(recorder[1], max_body_bytes=1000, max_header_bytes=4096)
+    too_long = _post(proxy, "big-body", b"x" * 1001)
+    assert (too_long.status_code, too_long.json()["error_code"]) == (413, "PAYLOAD_TOO_LARGE")
+    too_wide = _post(proxy, "big-head", b"{}", **{"X-Trace": "t" * 5000})
+    assert (too_wide.status_code, too_wide.json()["error_code"]) == (431, "HEADERS_TOO_LARGE")
+    assert recorder[0].requests == []
