@@ -97,6 +97,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         max_body=settings.max_body_bytes,
         timeout=settings.upstream_timeout,
         max_header_bytes=settings.max_header_bytes,
+        max_connections=settings.max_upstream_connections,
         limiter=RateLimiter(
             settings.rate_limit_per_minute,
             max_wait=settings.rate_limit_max_wait,

@@ -30,13 +30,13 @@ def fingerprint(secret: str) -> str:
 
 
 class UpstreamToken:
-    """The token, its fingerprint, expiry and ready-made Authorization header; repr hides it."""
+    """The token, its fingerprint, expiry and ready-made Authorization value; repr hides it."""
 
     __slots__ = ("authorization", "expires_at", "fingerprint")
 
     def __init__(self, secret: str, expires_at: datetime | None = None) -> None:
         self.fingerprint = fingerprint(secret)
-        self.authorization = f"Bearer {secret}"
+        self.authorization = f"Bearer {secret}".encode()
         self.expires_at = expires_at
 
     def __repr__(self) -> str:

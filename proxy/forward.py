@@ -4,26 +4,27 @@ Only end-to-end headers cross the proxy. The client's credentials, cookies and r
 headers never reach InvoisX; cookies and hop-by-hop headers never come back.
 Upstream failures are translated here, at one boundary, into 502 or 504.
 
-The upstream client is aiohttp rather than httpx: on this hot path httpx's connection pool
-cost about a millisecond a request and degraded under concurrency (README, Performance).
+The connections themselves are `proxy.upstream`'s. Timeouts and the client-disconnect watch
+are checked once a tick for every call in flight, rather than with timers set and cancelled
+on every call (README, Performance).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import aiohttp
 from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 from proxy import __version__
 from proxy.errors import Decision, ProxyError
 from proxy.policy import Permission
 from proxy.ratelimit import RateLimiter
+from proxy.upstream import Broken, Connection, Origin, Pool, Stalled, Unreachable
 
 __all__ = [
     "Capture",
@@ -58,6 +59,8 @@ _NEVER_UPSTREAM = _HOP_BY_HOP | {
     b"x-proxy-key",
     b"x-request-id",
     b"expect",
+    # The proxy frames the body itself (see `_framing`).
+    b"content-length",
     # A Laravel backend would run the named method instead of the one the policy checked.
     b"x-http-method-override",
     b"x-http-method",
@@ -65,8 +68,8 @@ _NEVER_UPSTREAM = _HOP_BY_HOP | {
 }
 _NEVER_DOWNSTREAM = _HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
 _JSON = b"application/json"
-_USER_AGENT = f"invoisx-proxy/{__version__}"
-# Seconds an exchange may run before the proxy starts listening for a client disconnect.
+_USER_AGENT = f"invoisx-proxy/{__version__}".encode()
+# Seconds a call may run before the proxy starts listening for a client disconnect.
 _WATCH_AFTER = 1.0
 # nginx's convention for "client closed the connection before the response was complete".
 _CLIENT_CLOSED = 499
@@ -74,6 +77,12 @@ _CLIENT_CLOSED = 499
 _HEADERS_WITHIN = 3
 # InvoisX error bodies are small; this bounds what is kept to read their error_code.
 _ERROR_PEEK_BYTES = 65_536
+# Idle connections are closed before InvoisX's side is likely to close them.
+_IDLE_TIMEOUT = 15.0
+# What could split the request line: the parser in front refuses these, and so do we.
+_UNSAFE_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# Methods whose requests carry no body, so no `Content-Length: 0` either.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD"})
 
 
 @dataclass(slots=True)
@@ -90,7 +99,7 @@ class Exchange:
     upstream_ms: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
-    ratelimit_remaining: str | None = None
+    ratelimit_remaining: bytes | None = None
     waited_ms: float = 0.0
     retries: int = 0
 
@@ -105,73 +114,6 @@ class ClientDisconnected(Exception):
     """The client went away before the exchange finished."""
 
 
-class _DisconnectWatch:
-    """Watches a slow call: cancels it when its client disconnects, so InvoisX work stops too,
-    or when InvoisX's response headers are overdue.
-
-    It may only listen once the request body has been read: before that, `receive()` belongs
-    to the body stream. Listening takes a task, so it begins only when an exchange outlasts
-    `_WATCH_AFTER`: a quick answer is over before a disconnect could save much work. The
-    header deadline is armed at that moment too, so quick calls pay for no extra timer.
-    """
-
-    def __init__(self, receive: Receive, headers_within: float, *, listen: bool = True) -> None:
-        self._receive = receive
-        self._headers_within = headers_within
-        self._listen_for_disconnect = listen
-        # The request body is streamed from aiohttp's writer task, so remember the task that
-        # handles the request now: that is the one to cancel.
-        self._owner = asyncio.current_task()
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.disconnected = False
-        self.headers_in = False
-        self.overdue = False
-
-    def start(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._listen)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.headers_received()
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    def headers_received(self) -> None:
-        self.headers_in = True
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _headers_overdue(self) -> None:
-        assert self._owner is not None
-        self._deadline = None
-        self.overdue = True
-        self._owner.cancel()
-
-    def _listen(self) -> None:
-        assert self._owner is not None
-        self._timer = None
-        if self._listen_for_disconnect:
-            self._task = asyncio.create_task(self._watch(self._owner))
-        if not self.headers_in:
-            # aiohttp's read timeout catches a silent InvoisX but restarts with every byte;
-            # this stops one that trickles its headers, with room for a busy machine.
-            self._deadline = asyncio.get_running_loop().call_later(
-                max(0.0, self._headers_within - _WATCH_AFTER), self._headers_overdue
-            )
-
-    async def _watch(self, owner: asyncio.Task[None]) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        self.disconnected = True
-        owner.cancel()
-
-
 def _named_in_connection(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     names: set[bytes] = set()
     for name, value in headers:
@@ -180,20 +122,23 @@ def _named_in_connection(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return names
 
 
-def _utf8(value: bytes) -> str:
-    # The HTTP client re-encodes header values as UTF-8: only UTF-8 passes byte for byte.
-    try:
-        return value.decode()
-    except UnicodeDecodeError:
-        raise ProxyError(400, "BAD_REQUEST", "A header value is not valid UTF-8.") from None
+def _check_utf8(value: bytes) -> bytes:
+    # InvoisX's stack reads header values as UTF-8; anything else could be read as another
+    # value than the one the proxy checked, so it does not pass.
+    if not value.isascii():
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            raise ProxyError(400, "BAD_REQUEST", "A header value is not valid UTF-8.") from None
+    return value
 
 
 def request_headers(
-    headers: list[tuple[bytes, bytes]], authorization: str, has_body: bool, request_id: str
-) -> list[tuple[str, str]]:
+    headers: list[tuple[bytes, bytes]], authorization: bytes, has_body: bool, request_id: str
+) -> list[tuple[bytes, bytes]]:
     """The headers to send upstream: the client's end-to-end ones plus the injected ones."""
     dropped = _NEVER_UPSTREAM | _named_in_connection(headers)
-    kept: list[tuple[str, str]] = []
+    kept: list[tuple[bytes, bytes]] = []
     present: set[bytes] = set()
     accept: bytes | None = None
     for raw_name, value in headers:
@@ -204,21 +149,20 @@ def request_headers(
             accept = value
             continue
         present.add(name)
-        kept.append((name.decode("latin-1"), _utf8(value)))
+        kept.append((name, _check_utf8(value)))
     # InvoisX (Laravel) answers auth errors with redirects unless JSON is asked for.
     if accept is None or accept.strip() in (b"", b"*/*"):
         accept = _JSON
-    kept.append(("accept", accept.decode("latin-1")))
+    kept.append((b"accept", _check_utf8(accept)))
     if has_body and b"content-type" not in present:
-        kept.append(("content-type", "application/json"))
-    # Otherwise the HTTP client would add its own: a compressed body that the client never
-    # asked for, and its version string.
+        kept.append((b"content-type", _JSON))
+    # Say what compression and client the proxy accepts on the client's behalf: none, itself.
     if b"accept-encoding" not in present:
-        kept.append(("accept-encoding", "identity"))
+        kept.append((b"accept-encoding", b"identity"))
     if b"user-agent" not in present:
-        kept.append(("user-agent", _USER_AGENT))
-    kept.append(("x-request-id", request_id))
-    kept.append(("authorization", authorization))
+        kept.append((b"user-agent", _USER_AGENT))
+    kept.append((b"x-request-id", request_id.encode()))
+    kept.append((b"authorization", authorization))
     return kept
 
 
@@ -241,6 +185,10 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return int(values.pop())
 
 
+def _is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == b"transfer-encoding" for name, _ in headers)
+
+
 def _too_large(limit: int) -> ProxyError:
     return ProxyError(
         413,
@@ -257,8 +205,8 @@ def _headers_too_large(limit: int) -> ProxyError:
     )
 
 
-def _error_code(status: int, content_type: str, body: bytes) -> str | None:
-    if status < 400 or "json" not in content_type:
+def _error_code(status: int, content_type: bytes, body: bytes) -> str | None:
+    if status < 400 or b"json" not in content_type:
         return None
     try:
         code = json.loads(body).get("error_code")
@@ -268,69 +216,6 @@ def _error_code(status: int, content_type: str, body: bytes) -> str | None:
     if isinstance(code, str) and len(code) <= 64 and code.replace("_", "").isalnum():
         return code
     return None
-
-
-class _RequestBody:
-    """The client's request body as an async iterator, within the size limit.
-
-    aiohttp reads it from its own writer task and reports any failure as a connection error,
-    so the real reason (too large, client gone) is kept here for the handler to raise.
-    """
-
-    def __init__(
-        self,
-        receive: Receive,
-        limit: int,
-        exchange: Exchange,
-        watch: _DisconnectWatch,
-        stall_timeout: float,
-    ) -> None:
-        self._receive = receive
-        self._limit = limit
-        self._exchange = exchange
-        self._watch = watch
-        self._stall_timeout = stall_timeout
-        self.error: ProxyError | ClientDisconnected | None = None
-        # aiohttp has no write timeout: an upstream that stops reading would hold the upload
-        # forever, and its read timeout restarts with every header byte. The sender sets
-        # this deadline; each chunk arms it, and the last one bounds the wait for an answer.
-        self.deadline: asyncio.Timeout | None = None
-
-    def _arm(self, seconds: float | None) -> None:
-        if self.deadline is not None:
-            when = None if seconds is None else asyncio.get_running_loop().time() + seconds
-            self.deadline.reschedule(when)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            # Waiting for the client is not InvoisX's doing: no deadline meanwhile.
-            self._arm(None)
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self._watch.disconnected = True
-                self.error = ClientDisconnected()
-                raise self.error
-            chunk: bytes = message.get("body", b"")
-            self._exchange.bytes_in += len(chunk)
-            if self._exchange.bytes_in > self._limit:
-                self.error = _too_large(self._limit)
-                raise self.error
-            # InvoisX must take this chunk in time.
-            self._arm(self._stall_timeout)
-            if not message.get("more_body", False):
-                self._watch.start()
-                if chunk:
-                    yield chunk
-                # From here the watch bounds the wait for the answer, as for other calls.
-                self._arm(None)
-                return
-            if chunk:
-                yield chunk
-
-
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
-    return chunked or bool(_content_length(headers))
 
 
 async def read_body(receive: Receive, limit: int, exchange: Exchange) -> bytes:
@@ -371,18 +256,24 @@ class Capture:
 
 
 @dataclass(frozen=True, slots=True)
-class _Attempts:
+class _Upload:
+    """A request body streamed from the client as it arrives, chunked when it came chunked."""
+
+    receive: Receive
+    chunked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
     """What each attempt at one call sends.
 
     Only a GET or HEAD without a body is retried (nothing else can be assumed harmless twice),
-    and only when InvoisX answered 429 or 503 or the connection failed before a byte was sent.
+    and only when InvoisX answered 429 or 503 or no connection could be opened.
     """
 
     method: str
-    url: str
-    headers: list[tuple[str, str]]
-    body: _RequestBody | bytes | None
-    client_per_minute: int | None
+    head: bytes  # request line and headers
+    body: bytes | _Upload | None
 
     @property
     def retryable(self) -> bool:
@@ -391,19 +282,17 @@ class _Attempts:
 
 _RETRYABLE_METHODS = frozenset({"GET", "HEAD"})
 _RETRYABLE_STATUSES = frozenset({429, 503})
-# Failures to connect: the request never left, so even a retry cannot repeat it.
-_NOTHING_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 def _backoff(retries: int) -> float:
     return 0.25 * 2**retries
 
 
-def _retry_delay(response: aiohttp.ClientResponse, retries: int) -> float | None:
-    """Seconds to wait before retrying `response`'s call, or None when it is final."""
-    if response.status not in _RETRYABLE_STATUSES:
+def _retry_delay(status: int, headers: Mapping[bytes, bytes], retries: int) -> float | None:
+    """Seconds to wait before retrying a call InvoisX answered so, or None when it is final."""
+    if status not in _RETRYABLE_STATUSES:
         return None
-    retry_after = response.headers.get("retry-after", "")
+    retry_after = headers.get(b"retry-after", b"")
     return float(retry_after) if retry_after.isdigit() else _backoff(retries)
 
 
@@ -425,10 +314,95 @@ def _timed_out() -> ProxyError:
     )
 
 
-class Forwarder:
-    """Sends requests to the upstream base URL over one shared connection pool.
+def _chunk(data: bytes, last: bool) -> bytes:
+    framed = b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+    return framed + b"0\r\n\r\n" if last else framed
 
-    Use as an async context manager: the pool opens on entry and closes on exit.
+
+class _Call:
+    """A forwarded call in flight, as the forwarder's watch sees it once a tick.
+
+    The watch gives up on InvoisX when it stays silent (or stops taking an upload) for the
+    upstream timeout while the call waits for it, or when its headers are not all in within
+    `_HEADERS_WITHIN` timeouts of the request. Once a call has run for `_WATCH_AFTER`, the
+    watch listens for the client leaving, which cancels the call; a quick answer is over
+    before a disconnect could save much work. Listening waits for the request body to be
+    read: until then, `receive()` belongs to the body.
+    """
+
+    __slots__ = (
+        "_listen",
+        "_listener",
+        "_owner",
+        "_quiet_since",
+        "_receive",
+        "_seen",
+        "_started",
+        "body_read",
+        "client_left",
+        "connection",
+        "sent_at",
+        "waiting",
+    )
+
+    def __init__(
+        self,
+        receive: Receive,
+        owner: asyncio.Task[None],
+        started: float,
+        *,
+        listen: bool,
+        body_read: bool,
+    ) -> None:
+        self._receive = receive
+        self._owner = owner
+        self._started = started
+        self._listen = listen
+        self._listener: asyncio.Task[None] | None = None
+        self._seen = -1
+        self._quiet_since = started
+        self.connection: Connection | None = None
+        self.waiting = False  # for InvoisX: its answer, or room for more of the upload
+        self.sent_at: float | None = None
+        self.body_read = body_read
+        self.client_left = False
+
+    def check(self, now: float, timeout: float) -> None:
+        """One tick of the watch."""
+        connection = self.connection
+        if connection is not None:
+            if not self.waiting or connection.progress != self._seen:
+                self._seen = connection.progress
+                self._quiet_since = now
+            elif now - self._quiet_since >= timeout:
+                connection.time_out()
+            # A silent InvoisX is caught above; this one would trickle its headers forever.
+            sent_at = self.sent_at
+            overdue = sent_at is not None and now - sent_at >= _HEADERS_WITHIN * timeout
+            if overdue and not connection.head_in:
+                connection.time_out()
+        if self._listen and self.body_read and now - self._started >= _WATCH_AFTER:
+            self._listen = False
+            self._listener = asyncio.create_task(self._watch_client())
+
+    def stop_listening(self) -> None:
+        """No more listening: the response is complete, or the call is over."""
+        self._listen = False
+        if self._listener is not None:
+            self._listener.cancel()
+            self._listener = None
+
+    async def _watch_client(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.client_left = True
+        self._owner.cancel()
+
+
+class Forwarder:
+    """Sends requests below the upstream base URL over one pool of keep-alive connections.
+
+    Use as an async context manager: the pool and the watch start on entry and stop on exit.
     """
 
     def __init__(
@@ -438,37 +412,39 @@ class Forwarder:
         max_body: int,
         timeout: float,
         max_header_bytes: int = 32_768,
+        max_connections: int = 64,
         limiter: RateLimiter | None = None,
         retry_max: int = 0,
     ) -> None:
-        self._base_url = base_url
+        self._origin = Origin.from_url(base_url)
         self._max_body = max_body
         self._max_header_bytes = max_header_bytes
         self._limiter = limiter
         self._retry_max = retry_max
         self._timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
+        # Fine enough for the shortest timeouts the tests use, coarse enough to cost nothing.
+        self._tick = min(0.1, timeout / 4)
+        self._calls: set[_Call] = set()
+        self._pool = Pool(
+            self._origin,
+            limit=max_connections,
+            connect_timeout=timeout,
+            idle_timeout=_IDLE_TIMEOUT,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Forwarder:
-        self._session = aiohttp.ClientSession(
-            # No pool limit: a call waiting for a pooled connection can be overtaken by newer calls
-            # again and again, so a limit starved some callers for seconds under bursts.
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            # Per phase, not in total: a long download is fine as long as bytes keep coming.
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=self._timeout, sock_read=self._timeout
-            ),
-            # Bodies pass through as bytes; no cookies are kept between callers; no proxy or
-            # .netrc variables may redirect or re-authenticate our calls.
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
+        self._loop = asyncio.get_running_loop()
+        self._pool.open(self._loop)
+        self._watch_task = asyncio.create_task(self._watch())
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        self._pool.close()
 
     async def __call__(
         self,
@@ -477,7 +453,7 @@ class Forwarder:
         send: Send,
         path: str,
         exchange: Exchange,
-        authorization: str,
+        authorization: bytes,
         *,
         client_per_minute: int | None = None,
         preread: bytes | None = None,
@@ -489,62 +465,65 @@ class Forwarder:
         `check_request_size`); `capture` keeps a copy of the response. Raises `ProxyError` when
         it fails before the response started.
         """
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        loop = self._loop
+        assert loop is not None, "use the Forwarder as an async context manager"
         if preread is None:  # a caller that read the body has checked the sizes already
-            self.check_request_size(headers)
-        url = self._base_url + path
-        if scope["query_string"]:
-            url += "?" + scope["query_string"].decode("latin-1")
+            self.check_request_size(scope["headers"])
+        request = self._request(scope, receive, path, authorization, exchange.request_id, preread)
+        owner = asyncio.current_task(loop)
+        assert owner is not None
         # A call whose answer is kept (idempotency) runs to the end even if its client leaves:
         # the answer is what the client's retry will get.
-        watch = _DisconnectWatch(receive, _HEADERS_WITHIN * self._timeout, listen=capture is None)
-        body: _RequestBody | bytes | None = preread or None
-        if preread is None and _has_body(headers):
-            body = _RequestBody(receive, self._max_body, exchange, watch, self._timeout)
-        if not isinstance(body, _RequestBody):
-            watch.start()
-        outgoing = request_headers(headers, authorization, body is not None, exchange.request_id)
-        attempt = _Attempts(
-            method=scope["method"],
-            url=url,
-            headers=outgoing,
-            body=body,
-            client_per_minute=client_per_minute,
+        call = _Call(
+            receive,
+            owner,
+            loop.time(),
+            listen=capture is None,
+            body_read=not isinstance(request.body, _Upload),
         )
+        self._calls.add(call)
         try:
-            await self._exchange(attempt, send, exchange, watch, capture)
+            await self._exchange(request, call, send, exchange, capture, client_per_minute)
         except (asyncio.CancelledError, ClientDisconnected) as gone:
-            if watch.overdue and isinstance(gone, asyncio.CancelledError):
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                if not exchange.status:
-                    raise _timed_out() from None
-                # The headers came in as the deadline fired: the response has started.
-                exchange.decision = "upstream_error"
-                exchange.error_code = "UPSTREAM_TIMEOUT"
-                return
-            if not watch.disconnected:
+            if not call.client_left:
                 raise
             if isinstance(gone, asyncio.CancelledError):
                 # Our own watch cancelled us; nobody else asked this task to stop.
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                owner.uncancel()
             exchange.client_gone()
         finally:
-            watch.stop()
+            self._calls.discard(call)
+            call.stop_listening()
 
-    async def probe(self, authorization: str) -> tuple[int, str | None]:
+    async def probe(self, authorization: bytes) -> tuple[int, str | None]:
         """One small read call to InvoisX: its status and error code (status 0: unreachable)."""
-        assert self._session is not None, "use the Forwarder as an async context manager"
-        headers = {"accept": "application/json", "authorization": authorization}
-        headers |= {"user-agent": _USER_AGENT}
+        origin = self._origin
+        head = b"".join(
+            (
+                b"GET " + origin.base_path + b"/buyers?per_page=1 HTTP/1.1\r\n",
+                b"host: " + origin.host_header + b"\r\n",
+                b"accept: application/json\r\nuser-agent: " + _USER_AGENT + b"\r\n",
+                b"authorization: " + authorization + b"\r\n\r\n",
+            )
+        )
         try:
-            async with self._session.get(
-                self._base_url + "/buyers?per_page=1", headers=headers, allow_redirects=False
-            ) as response:
-                body = await response.content.read(_ERROR_PEEK_BYTES)
-                content_type = response.headers.get("content-type", "")
-                return response.status, _error_code(response.status, content_type, body)
-        except (aiohttp.ClientError, TimeoutError):
+            connection = await self._pool.acquire(head_only=False)
+        except Unreachable:
             return 0, None
+        try:
+            connection.send(head, last=True)
+            async with asyncio.timeout(self._timeout):
+                await connection.response_head()
+                body = bytearray(connection.take())
+                while not connection.complete and len(body) < _ERROR_PEEK_BYTES:
+                    await connection.more()
+                    body += connection.take()
+            status, headers = connection.status, dict(connection.headers)
+        except (Broken, Stalled, TimeoutError):
+            return 0, None
+        finally:
+            self._pool.release(connection)
+        return status, _error_code(status, headers.get(b"content-type", b""), bytes(body))
 
     def check_request_size(self, headers: list[tuple[bytes, bytes]]) -> None:
         """431 for headers over the limit, 413 for a declared body over it."""
@@ -554,113 +533,205 @@ class Forwarder:
         if length is not None and length > self._max_body:
             raise _too_large(self._max_body)
 
+    def _request(
+        self,
+        scope: Scope,
+        receive: Receive,
+        path: str,
+        authorization: bytes,
+        request_id: str,
+        preread: bytes | None,
+    ) -> _Request:
+        method: str = scope["method"]
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        target = self._origin.base_path + path.encode()
+        if query := scope["query_string"]:
+            target += b"?" + query
+        if _UNSAFE_IN_TARGET.search(target):
+            raise ProxyError(400, "BAD_REQUEST", "The request target is not allowed.")
+        body: bytes | _Upload | None
+        framing: list[tuple[bytes, bytes]]
+        if preread is not None:
+            body = preread or None
+            framing = [(b"content-length", b"%d" % len(preread))]
+        elif _is_chunked(headers):
+            body = _Upload(receive, chunked=True)
+            framing = [(b"transfer-encoding", b"chunked")]
+        else:
+            length = _content_length(headers) or 0
+            body = _Upload(receive, chunked=False) if length else None
+            framing = [(b"content-length", b"%d" % length)]
+        if body is None and method in _NO_BODY_METHODS:
+            framing = []
+        outgoing = request_headers(headers, authorization, body is not None, request_id)
+        lines = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", self._origin.host_header]
+        for name, value in (*outgoing, *framing):
+            lines += (b"\r\n", name, b": ", value)
+        lines.append(b"\r\n\r\n")
+        return _Request(method, b"".join(lines), body)
+
+    async def _watch(self) -> None:
+        """Once a tick: check every call in flight, and let the pool expire what waited."""
+        assert self._loop is not None
+        while True:
+            await asyncio.sleep(self._tick)
+            now = self._loop.time()
+            for call in list(self._calls):
+                call.check(now, self._timeout)
+            self._pool.expire(now)
+
     async def _exchange(
         self,
-        attempt: _Attempts,
+        request: _Request,
+        call: _Call,
         send: Send,
         exchange: Exchange,
-        watch: _DisconnectWatch,
         capture: Capture | None,
+        client_per_minute: int | None,
     ) -> None:
         started = time.perf_counter()
-        response = await self._send_with_retries(attempt, exchange, started + self._timeout)
-        watch.headers_received()
+        connection = await self._send_with_retries(
+            request, call, exchange, client_per_minute, started + self._timeout
+        )
         exchange.upstream_ms = (time.perf_counter() - started) * 1000 - exchange.waited_ms
         try:
-            await self._relay(response, send, exchange, watch, capture)
+            await self._relay(connection, send, exchange, call, capture)
         finally:
-            response.release()
+            call.connection = None
+            self._pool.release(connection)
 
     async def _send_with_retries(
-        self, attempt: _Attempts, exchange: Exchange, deadline: float
-    ) -> aiohttp.ClientResponse:
-        """Send, retrying only what cannot have taken effect twice (see `_Attempts`)."""
-        retries_left = self._retry_max if attempt.retryable else 0
+        self,
+        request: _Request,
+        call: _Call,
+        exchange: Exchange,
+        client_per_minute: int | None,
+        deadline: float,
+    ) -> Connection:
+        """Send, retrying only what cannot have taken effect twice (see `_Request`)."""
+        retries_left = self._retry_max if request.retryable else 0
         while True:
             if self._limiter is not None:
-                waited = await self._limiter.acquire(exchange.client, attempt.client_per_minute)
+                waited = await self._limiter.acquire(exchange.client, client_per_minute)
                 exchange.waited_ms += waited * 1000
             try:
-                response = await self._send(attempt)
-            except _NOTHING_SENT as error:
+                connection = await self._attempt(request, call, exchange)
+            except Unreachable as error:
                 delay = _backoff(exchange.retries)
                 if not retries_left or time.perf_counter() + delay >= deadline:
                     raise _unavailable() from error
-            except TimeoutError as error:
+            except Stalled as error:
                 raise _timed_out() from error
-            except aiohttp.ClientError as error:
-                if isinstance(attempt.body, _RequestBody) and attempt.body.error is not None:
-                    raise attempt.body.error from None
+            except Broken as error:
                 raise _unavailable() from error
             else:
+                headers = dict(connection.headers)
                 if self._limiter is not None:
-                    self._limiter.learn(response.status, response.headers)
-                delay = _retry_delay(response, exchange.retries)
+                    self._limiter.learn(connection.status, headers)
+                delay = _retry_delay(connection.status, headers, exchange.retries)
                 if delay is None or not retries_left or time.perf_counter() + delay >= deadline:
-                    return response
-                response.release()
+                    return connection
+                call.connection = None  # the pool may hand it to another call meanwhile
+                self._pool.release(connection)
             retries_left -= 1
             exchange.retries += 1
             await asyncio.sleep(delay)
 
-    async def _send(self, attempt: _Attempts) -> aiohttp.ClientResponse:
-        assert self._session is not None, "use the Forwarder as an async context manager"
-        request = self._session.request(
-            attempt.method,
-            URL(attempt.url, encoded=True),  # forward the path and query exactly as received
-            headers=attempt.headers,
-            data=attempt.body,
-            allow_redirects=False,
-        )
-        if not isinstance(attempt.body, _RequestBody):
-            return await request
-        async with asyncio.timeout(None) as deadline:
-            attempt.body.deadline = deadline
-            return await request
+    async def _attempt(self, request: _Request, call: _Call, exchange: Exchange) -> Connection:
+        """Send the request on a connection and wait for the answer's headers."""
+        assert self._loop is not None
+        connection = await self._pool.acquire(head_only=request.method == "HEAD")
+        call.connection = connection
+        call.sent_at = None
+        try:
+            if isinstance(request.body, _Upload):
+                connection.send(request.head, last=False)
+                await self._upload(connection, request.body, call, exchange)
+            else:
+                connection.send(request.head + (request.body or b""), last=True)
+            call.sent_at = self._loop.time()
+            call.waiting = True
+            await connection.response_head()
+        except BaseException:
+            call.connection = None
+            self._pool.release(connection)  # not reusable: the exchange did not end cleanly
+            raise
+        finally:
+            call.waiting = False
+        return connection
+
+    async def _upload(
+        self, connection: Connection, upload: _Upload, call: _Call, exchange: Exchange
+    ) -> None:
+        """Stream the client's body to InvoisX as it arrives, within the size limit."""
+        while True:
+            message = await upload.receive()
+            if message["type"] == "http.disconnect":
+                call.client_left = True
+                raise ClientDisconnected()
+            chunk: bytes = message.get("body", b"")
+            exchange.bytes_in += len(chunk)
+            if exchange.bytes_in > self._max_body:
+                raise _too_large(self._max_body)
+            last = not message.get("more_body", False)
+            connection.send(_chunk(chunk, last) if upload.chunked else chunk, last=last)
+            if last:
+                call.body_read = True
+                return
+            # Waiting for the client's next chunk is not InvoisX's doing: only this wait is.
+            call.waiting = True
+            await connection.drain()
+            call.waiting = False
+            if connection.head_in:
+                return  # InvoisX answered before taking the whole upload
 
     async def _relay(
         self,
-        response: aiohttp.ClientResponse,
+        connection: Connection,
         send: Send,
         exchange: Exchange,
-        watch: _DisconnectWatch,
+        call: _Call,
         capture: Capture | None,
     ) -> None:
-        exchange.status = response.status
-        exchange.ratelimit_remaining = response.headers.get("x-ratelimit-remaining")
-        headers = response_headers(list(response.raw_headers), exchange.request_id)
+        status = connection.status
+        exchange.status = status
+        notable = dict(connection.headers)
+        exchange.ratelimit_remaining = notable.get(b"x-ratelimit-remaining")
+        headers = response_headers(connection.headers, exchange.request_id)
         if capture is not None:
-            capture.start(response.status, headers)
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        peek = bytearray() if response.status >= 400 else None
-        body = response.content
-        last = body.at_eof()
-        if last:  # no body at all (204, HEAD, an empty 200)
-            watch.stop()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        try:
-            while not last:
-                chunk = await body.readany()
+            capture.start(status, headers)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        peek = bytearray() if status >= 400 else None
+        while True:
+            chunk = connection.take()
+            last = connection.complete  # and every byte of it taken
+            if chunk or last:
                 exchange.bytes_out += len(chunk)
                 if capture is not None:
                     capture.add(chunk)
                 if peek is not None and len(peek) < _ERROR_PEEK_BYTES:
                     peek += chunk
-                # Marking the final chunk as such saves the server a separate empty message.
-                last = body.at_eof()
                 if last:
                     # Once the last chunk is out the server reports a disconnect; not ours.
-                    watch.stop()
+                    call.stop_listening()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-        except (aiohttp.ClientError, TimeoutError):
-            # The status line is already out: closing the connection without the final chunk
-            # is the only honest way left to tell the client the body is incomplete.
-            exchange.decision = "upstream_error"
-            exchange.error_code = "UPSTREAM_UNAVAILABLE"
-            return
+            if last:
+                break
+            call.waiting = True
+            try:
+                await connection.more()
+            except (Broken, Stalled) as error:
+                # The status line is already out: closing the connection without the final
+                # chunk is the only honest way left to tell the client the body is incomplete.
+                exchange.decision = "upstream_error"
+                exchange.error_code = (
+                    "UPSTREAM_TIMEOUT" if isinstance(error, Stalled) else "UPSTREAM_UNAVAILABLE"
+                )
+                return
+            finally:
+                call.waiting = False
         if capture is not None:
             capture.complete = True
-
-        if peek is not None and not response.headers.get("content-encoding"):
-            content_type = response.headers.get("content-type", "")
-            exchange.error_code = _error_code(response.status, content_type, bytes(peek))
+        if peek is not None and b"content-encoding" not in notable:
+            content_type = notable.get(b"content-type", b"")
+            exchange.error_code = _error_code(status, content_type, bytes(peek))

@@ -99,18 +99,19 @@ class RateLimiter:
             raise
         return time.monotonic() - now
 
-    def learn(self, status: int, headers: Mapping[str, str]) -> None:
-        """Correct the bucket from InvoisX's answer: its remaining count, reset and 429s."""
+    def learn(self, status: int, headers: Mapping[bytes, bytes]) -> None:
+        """Correct the bucket from InvoisX's answer (`headers` by lowercase name): its
+        remaining count, reset and 429s."""
         now = time.monotonic()
-        remaining = headers.get("x-ratelimit-remaining", "")
+        remaining = headers.get(b"x-ratelimit-remaining", b"")
         if remaining.isdigit():
             self._bucket.refill(now)
             self._bucket.tokens = min(self._bucket.tokens, float(remaining))
-            reset = headers.get("x-ratelimit-reset", "")
-            if remaining == "0" and reset.isdigit():
+            reset = headers.get(b"x-ratelimit-reset", b"")
+            if remaining == b"0" and reset.isdigit():
                 self._block(now + max(0.0, int(reset) - time.time()))
         if status == 429:
-            retry_after = headers.get("retry-after", "")
+            retry_after = headers.get(b"retry-after", b"")
             self._bucket.tokens = 0.0
             self._block(now + (int(retry_after) if retry_after.isdigit() else _DEFAULT_RETRY_AFTER))
 

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     config: Path | None = Field(None, validation_alias="INVOISX_PROXY_CONFIG")
     log_file: Path | None = Field(None, validation_alias="INVOISX_PROXY_LOG_FILE")
     upstream_timeout: float = Field(30.0, validation_alias="INVOISX_PROXY_UPSTREAM_TIMEOUT", gt=0)
+    max_upstream_connections: int = Field(
+        64, validation_alias="INVOISX_PROXY_MAX_UPSTREAM_CONNECTIONS", ge=1, le=10_000
+    )
     max_body_bytes: int = Field(10_485_760, validation_alias="INVOISX_PROXY_MAX_BODY_BYTES", ge=0)
     max_header_bytes: int = Field(
         32_768, validation_alias="INVOISX_PROXY_MAX_HEADER_BYTES", ge=1024
@@ -149,6 +152,8 @@ class Settings(BaseSettings):
         parts = urlsplit(value.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http(s) URL such as https://invoisx.com/api/v1")
+        if any(char <= " " or char == "\x7f" for char in value.strip()):
+            raise ValueError("must not contain spaces or control characters (percent-encode them)")
         if parts.username or parts.password or parts.query or parts.fragment:
             raise ValueError("must not contain credentials, a query string or a fragment")
         # urlsplit lowercases the scheme; keep that form so later checks cannot miss `HTTP://`.

@@ -39,7 +39,14 @@ def fault() -> Iterator[FaultServer]:
 
 @pytest.fixture
 def faulty_proxy(fault: FaultServer, start_proxy: Callable[..., RunningProxy]) -> RunningProxy:
-    return start_proxy(f"http://127.0.0.1:{fault.port}/api/v1", upstream_timeout=TIMEOUT)
+    # Calls whose clients left hold their connection until the proxy notices, so the mix
+    # below can have more calls in flight than clients: a pool that never makes them queue
+    # keeps each fault's outcome its own (tests/test_upstream.py covers the queue).
+    return start_proxy(
+        f"http://127.0.0.1:{fault.port}/api/v1",
+        upstream_timeout=TIMEOUT,
+        max_upstream_connections=1000,
+    )
 
 
 def _port(proxy: RunningProxy) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import os
@@ -9,12 +10,14 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
+from starlette.types import Receive, Scope, Send
 
 from proxy import __version__
 from proxy.forward import request_headers, response_headers
@@ -324,13 +327,13 @@ def test_upstream_reset_mid_body_closes_client_connection(
 
 def test_request_header_helpers_are_pure() -> None:
     headers = [(b"Connection", b"close, X-A"), (b"X-A", b"1"), (b"Accept", b"text/csv")]
-    out = request_headers(headers, "Bearer t", has_body=False, request_id="r1")
+    out = request_headers(headers, b"Bearer t", has_body=False, request_id="r1")
     assert out == [
-        ("accept", "text/csv"),
-        ("accept-encoding", "identity"),
-        ("user-agent", f"invoisx-proxy/{__version__}"),
-        ("x-request-id", "r1"),
-        ("authorization", "Bearer t"),
+        (b"accept", b"text/csv"),
+        (b"accept-encoding", b"identity"),
+        (b"user-agent", f"invoisx-proxy/{__version__}".encode()),
+        (b"x-request-id", b"r1"),
+        (b"authorization", b"Bearer t"),
     ]
     assert response_headers([(b"Set-Cookie", b"a=b"), (b"ETag", b'"1"')], "r2") == [
         (b"etag", b'"1"'),
@@ -493,3 +496,104 @@ def test_get_retried_when_the_connection_failed_before_sending(start_proxy: obje
     assert response.status_code == 200
     assert proxy.audit_of(response)["retries"] >= 1
     assert len(stand_in.requests) == 1
+
+
+class _Streaming:
+    """A stand-in that counts the calls it serves at once and streams each answer slowly."""
+
+    def __init__(self, chunks: int, pause: float) -> None:
+        self.chunks = chunks
+        self.pause = pause
+        self.serving = 0
+        self.peak = 0
+        self.calls = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.calls += 1
+        self.serving += 1
+        self.peak = max(self.peak, self.serving)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for _ in range(self.chunks):
+                await asyncio.sleep(self.pause)
+                await send({"type": "http.response.body", "body": b".", "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            self.serving -= 1
+
+
+@contextmanager
+def _one_call_in_flight(client: httpx.Client, url: str, stand_in: _Streaming) -> Iterator[None]:
+    """A call from a background thread, from when the stand-in serves it until it ends."""
+    holder = threading.Thread(target=client.get, args=(url,))
+    holder.start()
+    while stand_in.serving == 0:
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        holder.join()
+
+
+def test_calls_beyond_max_upstream_connections_wait_for_one(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    stand_in = _Streaming(chunks=4, pause=0.05)
+    with run_server(loopback_config(stand_in)) as url:
+        proxy = start_proxy(f"{url}/api/v1", max_upstream_connections=2)
+
+        async def calls() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=10) as client:
+                return await asyncio.gather(
+                    *(client.get(f"{proxy.url}/api/v1/buyers") for _ in range(8))
+                )
+
+        responses = asyncio.run(calls())
+    assert [(r.status_code, r.content) for r in responses] == [(200, b"....")] * 8
+    assert stand_in.peak == 2
+
+
+def test_no_free_connection_within_the_timeout_is_502(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    # The first call keeps its connection busy for about a second, bytes flowing all along.
+    stand_in = _Streaming(chunks=10, pause=0.1)
+    with run_server(loopback_config(stand_in)) as url:
+        proxy = start_proxy(f"{url}/api/v1", max_upstream_connections=1, upstream_timeout=0.3)
+        with httpx.Client(timeout=10) as client:
+            with _one_call_in_flight(client, f"{proxy.url}/api/v1/buyers", stand_in):
+                started = time.monotonic()
+                refused = client.get(f"{proxy.url}/api/v1/invoices")
+                waited = time.monotonic() - started
+            after = client.get(f"{proxy.url}/api/v1/buyers")
+    assert refused.status_code == 502
+    assert refused.json()["error_code"] == "UPSTREAM_UNAVAILABLE"
+    assert 0.25 <= waited < 0.9
+    assert proxy.audit_of(refused)["decision"] == "upstream_error"
+    # The connection the first call held is free again.
+    assert (after.status_code, after.content) == (200, b"." * 10)
+
+
+def test_a_client_leaving_while_its_call_waits_for_a_connection_frees_its_turn(
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    stand_in = _Streaming(chunks=20, pause=0.1)  # holds the only connection for about 2 s
+    with run_server(loopback_config(stand_in)) as url:
+        proxy = start_proxy(f"{url}/api/v1", max_upstream_connections=1, upstream_timeout=5)
+        with httpx.Client(timeout=10) as client:
+            with (
+                _one_call_in_flight(client, f"{proxy.url}/api/v1/buyers", stand_in),
+                pytest.raises(httpx.ReadTimeout),
+            ):
+                httpx.get(
+                    f"{proxy.url}/api/v1/invoices", headers={"X-Request-ID": "gone"}, timeout=0.3
+                )
+            after = client.get(f"{proxy.url}/api/v1/buyers")
+    left = next(line for line in proxy.audit_lines(at_least=3) if line["request_id"] == "gone")
+    assert (left["status"], left["error_code"], left["upstream_ms"]) == (
+        499,
+        "CLIENT_DISCONNECTED",
+        None,
+    )
+    assert after.status_code == 200
+    assert (stand_in.calls, stand_in.peak) == (2, 1)  # the call that was left never went out

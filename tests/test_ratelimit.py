@@ -104,11 +104,11 @@ def test_a_client_limit_holds_within_the_shared_one() -> None:
 def test_invoisx_429_stops_calls_until_retry_after() -> None:
     async def scenario() -> tuple[float, float]:
         limiter = RateLimiter(600, max_wait=5, max_queue=10)
-        limiter.learn(429, {"retry-after": "1"})
+        limiter.learn(429, {b"retry-after": b"1"})
         started = time.monotonic()
         await limiter.acquire("app")
         blocked = time.monotonic() - started
-        limiter.learn(200, {"x-ratelimit-remaining": "0", "x-ratelimit-reset": "0"})
+        limiter.learn(200, {b"x-ratelimit-remaining": b"0", b"x-ratelimit-reset": b"0"})
         started = time.monotonic()
         await limiter.acquire("app")  # nothing remaining: wait for the refill
         return blocked, time.monotonic() - started

@@ -87,9 +87,11 @@ def test_date_expiry_means_end_of_that_day_in_malaysia() -> None:
         ({"api_url": "invoisx.com/api/v1"}, "INVOISX_API_URL: must be an absolute"),
         ({"api_url": "https://u:p@invoisx.com/api/v1"}, "INVOISX_API_URL: must not contain"),
         ({"api_url": "https://invoisx.com/api/v1?x=1"}, "INVOISX_API_URL: must not contain"),
+        ({"api_url": "https://invoisx.com/api v1"}, "INVOISX_API_URL: must not contain spaces"),
         ({"port": "http"}, "INVOISX_PROXY_PORT: "),
         ({"port": 70000}, "INVOISX_PROXY_PORT: "),
         ({"upstream_timeout": 0}, "INVOISX_PROXY_UPSTREAM_TIMEOUT: "),
+        ({"max_upstream_connections": 0}, "INVOISX_PROXY_MAX_UPSTREAM_CONNECTIONS: "),
         ({"max_body_bytes": -1}, "INVOISX_PROXY_MAX_BODY_BYTES: "),
         ({"token_expires_at": "next year"}, "INVOISX_TOKEN_EXPIRES_AT: "),
         ({"allow_insecure_upstream": "maybe"}, "INVOISX_PROXY_ALLOW_INSECURE_UPSTREAM: "),
@@ -129,7 +131,7 @@ def test_token_is_never_in_repr() -> None:
     token = load_token(loaded)
     assert TOKEN not in repr(loaded) and TOKEN not in str(loaded)
     assert TOKEN not in repr(token)
-    assert token.authorization == f"Bearer {TOKEN}"
+    assert token.authorization == f"Bearer {TOKEN}".encode()
     assert len(token.fingerprint) == 12
 
 
@@ -137,7 +139,7 @@ def test_token_file(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
     loaded = load_settings(env_file=None, api_token_file=path)
-    assert load_token(loaded).authorization == f"Bearer {TOKEN}"
+    assert load_token(loaded).authorization == f"Bearer {TOKEN}".encode()
 
 
 def test_token_file_expiry_line_wins_over_the_setting(tmp_path: Path) -> None:

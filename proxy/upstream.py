@@ -1,0 +1,460 @@
+"""Connections to InvoisX: HTTP/1.1 on asyncio transports, answers parsed by httptools.
+
+The forward stage needs little of an HTTP client: one origin, requests it has already vetted
+and framed, bodies passed through as bytes. A general client (aiohttp) spent as much CPU per
+call as all the proxy's other stages together (README, Performance), so this module does that
+little itself: httptools (llhttp, the parser uvicorn uses for requests) reads the answers, and
+a stack of idle keep-alive connections saves the connect. Nothing here reads the environment
+(no proxy variables, no .netrc, no cookies) and TLS certificates are always verified.
+
+A connection serves one exchange at a time: `Pool.acquire`, `Connection.send` the request,
+await `Connection.response_head`, then `Connection.take` body bytes until `complete` (awaiting
+`Connection.more` in between), and `Pool.release`. Timeouts are the caller's: it watches
+`progress` and calls `Connection.time_out`, so a call costs no timer of its own here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+__all__ = ["Broken", "Connection", "Origin", "Pool", "Stalled", "Unreachable", "UpstreamError"]
+
+# Response bytes held for a client that reads slower than InvoisX sends, before reading pauses.
+_HIGH_WATER = 262_144
+# The parser sets no limit on response headers; InvoisX's are a few hundred bytes.
+_MAX_HEADER_BYTES = 65_536
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class UpstreamError(Exception):
+    """The exchange with InvoisX failed; the forward stage turns this into 502 or 504."""
+
+
+class Unreachable(UpstreamError):
+    """No connection (refused, unresolvable, TLS refused, too slow): nothing was sent."""
+
+
+class Broken(UpstreamError):
+    """The connection failed after the request went out: closed, reset, or not HTTP."""
+
+
+class Stalled(UpstreamError):
+    """InvoisX stopped answering or stopped taking the upload (see `Connection.time_out`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where InvoisX is, split once from INVOISX_API_URL."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: bytes  # as the URL names it, the default port left out
+    base_path: bytes  # the path every request target goes below, e.g. b"/api/v1"
+
+    @classmethod
+    def from_url(cls, url: str) -> Origin:
+        """Split an absolute http(s) URL (validated by the settings)."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        named = f"[{host}]" if ":" in host else host
+        if port != _DEFAULT_PORTS[parts.scheme]:
+            named += f":{port}"
+        return cls(host, port, parts.scheme == "https", named.encode("idna"), parts.path.encode())
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection and the state of the exchange it is serving."""
+
+    __slots__ = (
+        "_buffered",
+        "_busy",
+        "_chunks",
+        "_error",
+        "_head_only",
+        "_header_bytes",
+        "_interim",
+        "_keep_alive",
+        "_loop",
+        "_parser",
+        "_read_paused",
+        "_sent",
+        "_tainted",
+        "_transport",
+        "_waiter",
+        "_write_paused",
+        "complete",
+        "head_in",
+        "headers",
+        "idle_since",
+        "progress",
+        "status",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: UpstreamError | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._busy = False
+        # Set by a failure, or by anything after the answer (a second response, garbage, a
+        # body to a HEAD): the stream can no longer be trusted to start where the next
+        # exchange expects, so later parser callbacks are ignored and it is never reused.
+        self._tainted = False
+        self._interim = False
+        self._head_only = False
+        self._sent = False
+        self._keep_alive = False
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._header_bytes = 0
+        # Bytes received and upload room regained: what a caller watches to tell a stall.
+        self.progress = 0
+        self.idle_since = 0.0
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []  # names lowercased
+        self.head_in = False
+        self.complete = False
+
+    # --- the exchange, as the forward stage drives it -------------------------------------
+
+    def begin(self, *, head_only: bool) -> None:
+        """Start an exchange; `head_only` for HEAD, whose answer has no body."""
+        self._busy = True
+        self._head_only = head_only
+        self._sent = False
+        self._keep_alive = False
+        self._chunks = []
+        self._buffered = 0
+        self._header_bytes = 0
+        self.status = 0
+        self.headers = []
+        self.head_in = False
+        self.complete = False
+
+    def send(self, data: bytes, *, last: bool) -> None:
+        """Write request bytes; `last` marks the request as complete."""
+        assert self._transport is not None
+        self._sent = last
+        self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until InvoisX takes more of the upload, or has already answered."""
+        while self._write_paused and not self.head_in:
+            await self._wait()
+        if self._error is not None and not self.head_in:
+            raise self._error  # the connection is gone: the rest of the upload is moot
+
+    async def response_head(self) -> None:
+        """Wait for the answer's status line and headers (`status`, `headers`)."""
+        while not self.head_in:
+            await self._wait()
+
+    async def more(self) -> None:
+        """Wait until more body bytes or the end of the answer arrive."""
+        while not self._chunks and not self.complete:
+            await self._wait()
+
+    def take(self) -> bytes:
+        """The body bytes received and not yet taken."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._buffered = 0
+        if self._read_paused and self._transport is not None:
+            self._read_paused = False
+            self._transport.resume_reading()
+        return data
+
+    def time_out(self) -> None:
+        """Give up on the exchange: whoever waits on it gets `Stalled`."""
+        self._fail(Stalled())
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the exchange ended cleanly, so the connection can serve another."""
+        return (
+            self._sent
+            and self.complete
+            and self._keep_alive
+            and not self._tainted
+            and not self._chunks
+            and self._error is None
+            and self.is_open
+        )
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the connection can still carry a request."""
+        return self._transport is not None and not self._transport.is_closing()
+
+    def park(self) -> None:
+        """End the exchange and note when the connection went idle."""
+        self._busy = False
+        self.idle_since = self._loop.time()
+
+    def close(self) -> None:
+        """Hang up after an exchange that ended cleanly, or on an idle connection."""
+        self._busy = False
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Hang up at once, unsent bytes and all: the exchange was abandoned."""
+        self._busy = False
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+        self._tainted = True
+        self.abort()
+        self._wake()
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport, though uvloop's do not derive from asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.progress += 1
+        if not self._busy:
+            # Bytes nobody asked for on an idle connection: it cannot be trusted any more.
+            self.abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(Broken("InvoisX switched protocols"))
+        except httptools.HttpParserError as error:
+            if self.complete:
+                self._tainted = True
+            else:
+                self._fail(Broken(f"InvoisX's answer is not valid HTTP/1.1 ({error})"))
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._busy and not self.complete and self._error is None:
+            if self.head_in and self._ends_at_close():
+                self.complete = True
+            else:
+                self._error = Broken("InvoisX closed the connection before its answer ended")
+        self._busy = False
+        self._write_paused = False
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.progress += 1
+        self._wake()
+
+    # --- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self._tainted = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._tainted:
+            return
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > _MAX_HEADER_BYTES:
+            self._fail(Broken("InvoisX's response headers are too large"))
+            return
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self._tainted:
+            return
+        status = self._parser.get_status_code()
+        if status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self._interim = True
+            self.headers = []
+            return
+        self.status = status
+        self.head_in = True
+        if self._head_only:
+            # The parser cannot be told that a HEAD answer has no body, so it would read the
+            # next bytes as one: this answer is complete, and the connection is not reused.
+            self.complete = True
+            self._tainted = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self._tainted:
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._read_paused and self._transport:
+            self._read_paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._tainted:
+            return
+        if self._interim:
+            self._interim = False
+            return
+        self.complete = True
+        self._keep_alive = self._parser.should_keep_alive()
+        self._wake()
+
+    def _ends_at_close(self) -> bool:
+        # An answer with neither length nor chunked framing runs until the connection closes.
+        framing = (b"content-length", b"transfer-encoding")
+        return not any(name in framing for name, _ in self.headers)
+
+
+class Pool:
+    """Keep-alive connections to one origin: at most `limit` in use, idle ones newest first.
+
+    A call that finds every connection in use waits its turn: a released connection goes to
+    the longest waiting call, never to a newcomer, so no call is overtaken again and again.
+    Bounding the calls in flight also keeps the proxy's per-call cost flatter under hundreds
+    of concurrent clients (README, Performance). The owner calls `expire` now and then: it
+    closes connections idle too long and gives up for calls that waited too long.
+    """
+
+    def __init__(
+        self, origin: Origin, *, limit: int, connect_timeout: float, idle_timeout: float
+    ) -> None:
+        self._origin = origin
+        self._limit = limit
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._ssl = ssl.create_default_context() if origin.tls else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: deque[Connection] = deque()
+        self._in_use = 0
+        # (deadline, turn), oldest first; all wait as long, so deadlines come in order too.
+        self._waiters: deque[tuple[float, asyncio.Future[None]]] = deque()
+        self._closed = False
+
+    def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start handing out connections on `loop`."""
+        self._loop = loop
+
+    async def acquire(self, *, head_only: bool) -> Connection:
+        """A connection for one exchange: idle, or new once one is free within the connect
+        timeout. Raises `Unreachable` when none is free in time or none can be opened."""
+        if self._in_use < self._limit and not self._waiters:
+            self._in_use += 1
+        else:
+            await self._wait_turn()
+        try:
+            connection = self._idle_connection() or await self._connect()
+        except BaseException:
+            self._hand_on()
+            raise
+        connection.begin(head_only=head_only)
+        return connection
+
+    def release(self, connection: Connection) -> None:
+        """End the exchange: keep `connection` for the next one when it ended cleanly, else
+        close it. Every acquired connection must come back here, whatever happened."""
+        if connection.reusable and not self._closed:
+            connection.park()
+            self._idle.append(connection)
+        elif connection.complete:
+            connection.close()
+        else:
+            connection.abort()  # InvoisX must not take a half-sent request for a whole one
+        self._hand_on()
+
+    def expire(self, now: float) -> None:
+        """Close connections idle too long (InvoisX may close them first, mid-request) and
+        fail the calls that have waited the connect timeout for a connection."""
+        while self._idle and now - self._idle[0].idle_since > self._idle_timeout:
+            self._idle.popleft().close()
+        while self._waiters and self._waiters[0][0] <= now:
+            _, turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_exception(Unreachable("every connection to InvoisX stayed busy"))
+
+    async def _wait_turn(self) -> None:
+        assert self._loop is not None, "open the pool first"
+        turn = self._loop.create_future()
+        self._waiters.append((self._loop.time() + self._connect_timeout, turn))
+        try:
+            await turn
+        except BaseException:
+            if not turn.done():
+                turn.cancel()  # skipped when its turn would come
+            elif not turn.cancelled() and turn.exception() is None:
+                self._hand_on()  # the turn came as the call gave up: pass it on
+            raise
+
+    def _hand_on(self) -> None:
+        """Give a freed turn to the longest waiting call, or count it free."""
+        while self._waiters:
+            _, turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._in_use -= 1
+
+    def _idle_connection(self) -> Connection | None:
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.is_open:
+                return connection
+        return None
+
+    def close(self) -> None:
+        """Close every idle connection; busy ones close when released."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+    async def _connect(self) -> Connection:
+        loop = self._loop
+        assert loop is not None, "open the pool first"
+        origin = self._origin
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: Connection(loop),
+                    origin.host,
+                    origin.port,
+                    ssl=self._ssl,
+                    server_hostname=origin.host if self._ssl else None,
+                )
+        except (OSError, TimeoutError) as error:  # ssl.SSLError is an OSError too
+            raise Unreachable(f"cannot connect to {origin.host}:{origin.port}") from error
+        return connection

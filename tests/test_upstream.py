@@ -1,0 +1,326 @@
+"""The connections to InvoisX, driven directly against scripted loopback servers.
+
+Each test runs its own event loop with a raw asyncio TCP server that answers with the bytes
+the test wants, so framing, reuse and the pool's queue are checked below the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from proxy.upstream import Broken, Connection, Origin, Pool, Stalled, Unreachable
+from tests.conftest import free_port
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+GET = b"GET /api/v1/buyers HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[Pool]:
+    """A scripted server on a free port, and a pool of at most 2 connections to it."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Pool(
+        Origin.from_url(f"http://127.0.0.1:{port}/api/v1"),
+        limit=2,
+        connect_timeout=0.5,
+        idle_timeout=15,
+    )
+    pool.open(asyncio.get_running_loop())
+    ticking = asyncio.create_task(_tick(pool))
+    try:
+        yield pool
+    finally:
+        ticking.cancel()
+        pool.close()
+        server.close()
+
+
+async def _tick(pool: Pool) -> None:
+    """What the forward stage does for its pool: `expire` every few hundredths of a second."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(0.02)
+        pool.expire(loop.time())
+
+
+def answering(*answers: bytes, then_close: bool = False) -> Handler:
+    """A handler that reads each request head and writes the next answer."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for answer in answers:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer)
+                await writer.drain()
+            if not then_close:
+                await reader.read()  # until the client closes
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return handle
+
+
+async def _get_on_another(pool: Pool, first: Connection) -> None:
+    """A GET that must get a new connection, not `first`, and its usual answer."""
+    second, body = await _get(pool)
+    assert second is not first
+    assert body == b"{}"
+    pool.release(second)
+
+
+async def _get(pool: Pool, *, head_only: bool = False) -> tuple[Connection, bytes]:
+    connection = await pool.acquire(head_only=head_only)
+    connection.send(GET, last=True)
+    await connection.response_head()
+    body = connection.take()
+    while not connection.complete:
+        await connection.more()
+        body += connection.take()
+    return connection, body
+
+
+def test_a_clean_exchange_leaves_its_connection_for_the_next() -> None:
+    async def main() -> None:
+        async with serving(answering(OK, OK)) as pool:
+            first, body = await _get(pool)
+            assert (first.status, body) == (200, b"{}")
+            assert (b"content-type", b"application/json") in first.headers  # names lowercased
+            pool.release(first)
+            second, _ = await _get(pool)
+            assert second is first
+            pool.release(second)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("answer", "head_only"),
+    [
+        (OK, True),  # HEAD: the parser would take the next bytes for a body
+        (OK + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad", False),  # a second answer
+        (OK.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), False),
+    ],
+    ids=["head", "extra-answer", "connection-close"],
+)
+def test_connections_are_not_reused_after_an_unclean_end(answer: bytes, head_only: bool) -> None:
+    async def main() -> None:
+        async with serving(answering(answer, OK)) as pool:
+            first, body = await _get(pool, head_only=head_only)
+            assert body == (b"" if head_only else b"{}")
+            assert not first.reusable
+            pool.release(first)
+            await _get_on_another(pool, first)
+
+    asyncio.run(main())
+
+
+def test_an_answer_without_framing_ends_when_the_connection_closes() -> None:
+    unframed = b"HTTP/1.1 200 OK\r\n\r\nuntil close"
+
+    async def main() -> None:
+        async with serving(answering(unframed, then_close=True)) as pool:
+            connection, body = await _get(pool)
+            assert body == b"until close"
+            assert not connection.reusable
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_interim_answers_are_skipped() -> None:
+    async def main() -> None:
+        async with serving(answering(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)) as pool:
+            connection, body = await _get(pool)
+            assert (connection.status, body) == (200, b"{}")
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_an_answer_cut_short_is_broken(answer: bytes) -> None:
+    async def main() -> None:
+        async with serving(answering(answer, then_close=True)) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(GET, last=True)
+            await connection.response_head()
+            await connection.more()
+            assert connection.take() == b"abc"
+            with pytest.raises(Broken):
+                await connection.more()
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_garbage_before_any_answer_is_broken() -> None:
+    async def main() -> None:
+        async with serving(answering(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(GET, last=True)
+            with pytest.raises(Broken):
+                await connection.response_head()
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_time_out_wakes_the_waiter_with_stalled() -> None:
+    async def main() -> None:
+        async with serving(answering()) as pool:  # reads nothing, answers nothing
+            connection = await pool.acquire(head_only=False)
+            connection.send(GET, last=True)
+            asyncio.get_running_loop().call_later(0.05, connection.time_out)
+            with pytest.raises(Stalled):
+                await connection.response_head()
+            assert not connection.is_open
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_nothing_listening_is_unreachable() -> None:
+    async def main() -> None:
+        origin = Origin.from_url(f"http://127.0.0.1:{free_port()}/api/v1")
+        pool = Pool(origin, limit=1, connect_timeout=0.5, idle_timeout=15)
+        pool.open(asyncio.get_running_loop())
+        with pytest.raises(Unreachable):
+            await pool.acquire(head_only=False)
+        # The failed connect gave its turn back: the next call may try again at once.
+        with pytest.raises(Unreachable):
+            await asyncio.wait_for(pool.acquire(head_only=False), 0.4)
+
+    asyncio.run(main())
+
+
+def test_calls_beyond_the_limit_wait_their_turn_in_order() -> None:
+    async def main() -> None:
+        async with serving(answering(OK, OK, OK)) as pool:  # limit 2
+            held = [await pool.acquire(head_only=False) for _ in range(2)]
+            order: list[int] = []
+
+            async def queued(number: int) -> None:
+                connection = await pool.acquire(head_only=False)
+                order.append(number)
+                pool.release(connection)
+
+            waiting = [asyncio.create_task(queued(number)) for number in range(4)]
+            await asyncio.sleep(0.05)
+            assert order == []  # nobody overtakes the two in use
+            for connection in held:
+                pool.release(connection)
+            await asyncio.gather(*waiting)
+            assert order == [0, 1, 2, 3]
+
+    asyncio.run(main())
+
+
+def test_a_call_that_waits_longer_than_the_connect_timeout_is_unreachable() -> None:
+    async def main() -> None:
+        async with serving(answering(OK)) as pool:  # limit 2, connect timeout 0.5 s
+            held = [await pool.acquire(head_only=False) for _ in range(2)]
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(Unreachable, match="busy"):
+                await pool.acquire(head_only=False)
+            assert 0.45 <= asyncio.get_running_loop().time() - started < 1.5
+            for connection in held:
+                pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_waiters_that_give_up_keep_no_turn() -> None:
+    async def main() -> None:
+        async with serving(answering(OK)) as pool:  # limit 2
+            held = [await pool.acquire(head_only=False) for _ in range(2)]
+            quitters = [asyncio.create_task(pool.acquire(head_only=False)) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            for task in quitters:
+                task.cancel()
+            await asyncio.gather(*quitters, return_exceptions=True)
+            for connection in held:
+                pool.release(connection)
+            # Both turns are free again: two calls get a connection without waiting.
+            again = [await asyncio.wait_for(pool.acquire(head_only=False), 0.3) for _ in range(2)]
+            for connection in again:
+                pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_origin_leaves_the_default_port_out_of_the_host_header() -> None:
+    assert Origin.from_url("https://invoisx.com/api/v1") == Origin(
+        "invoisx.com", 443, True, b"invoisx.com", b"/api/v1"
+    )
+    assert Origin.from_url("http://127.0.0.1:8081/api/v1").host_header == b"127.0.0.1:8081"
+    ipv6 = Origin.from_url("http://[::1]:9000/v1")
+    assert (ipv6.host, ipv6.port, ipv6.host_header) == ("::1", 9000, b"[::1]:9000")
+
+
+def test_connections_idle_too_long_are_closed() -> None:
+    async def main() -> None:
+        async with serving(answering(OK, OK)) as pool:
+            first, _ = await _get(pool)
+            pool.release(first)
+            pool.expire(first.idle_since + 14)
+            assert first.is_open
+            pool.expire(first.idle_since + 16)
+            assert not first.is_open
+            await _get_on_another(pool, first)
+
+    asyncio.run(main())
+
+
+def test_response_headers_beyond_the_limit_are_broken() -> None:
+    flood = b"HTTP/1.1 200 OK\r\n" + b"X-Flood: " + b"a" * 70_000 + b"\r\n\r\n"
+
+    async def main() -> None:
+        async with serving(answering(flood)) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(GET, last=True)
+            with pytest.raises(Broken, match="too large"):
+                await connection.response_head()
+            assert not connection.head_in
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_an_upload_stops_when_the_connection_drops() -> None:
+    async def swallow_then_reset(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(1_000_000)
+        writer.transport.abort()
+
+    async def main() -> None:
+        async with serving(swallow_then_reset) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(
+                b"POST /api/v1/x HTTP/1.1\r\ncontent-length: 100000000\r\n\r\n", last=False
+            )
+            sent = 0
+            with pytest.raises(Broken):
+                while sent < 100_000_000:
+                    connection.send(b"x" * 65_536, last=False)
+                    sent += 65_536
+                    await connection.drain()
+            assert sent < 20_000_000
+            pool.release(connection)
+
+    asyncio.run(main())
