@@ -6,6 +6,7 @@ Callers pass only safe fields: never the token, a body, a query value or a clien
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -20,22 +21,40 @@ __all__ = ["AuditLog", "uvicorn_log_config"]
 
 
 class _LineWriter:
-    """A structlog logger that writes each rendered line to every stream, unbuffered.
+    """A structlog logger that writes the rendered lines to every stream, one event-loop turn
+    at a time.
 
-    Each line is one write call per stream, so an audit line is never held in a buffer when
-    the process dies.
+    Lines logged during one turn of the event loop go out together right after it, in one
+    write per stream: under load, a write per line cost more than the rest of the audit
+    stage. A line waits only for the other callbacks of its turn (microseconds; about a
+    millisecond under full load). Without a running loop a line is written at once, and
+    `AuditLog.close` writes what is pending.
     """
 
     def __init__(self, streams: list[IO[bytes]]) -> None:
         self._streams = streams
+        self._pending: list[bytes] = []
 
     def msg(self, line: bytes) -> None:
-        line += b"\n"
-        for stream in self._streams:
-            stream.write(line)
-            stream.flush()
+        self._pending.append(line)
+        if len(self._pending) > 1:
+            return  # a flush is already scheduled for this turn
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:
+            self.flush()
 
     info = warning = error = critical = exception = msg
+
+    def flush(self) -> None:
+        """Write the pending lines now."""
+        if not self._pending:
+            return
+        data = b"\n".join(self._pending) + b"\n"
+        self._pending.clear()
+        for stream in self._streams:
+            stream.write(data)
+            stream.flush()
 
 
 _LEAD_KEYS = ("timestamp", "level", "event")
@@ -63,7 +82,7 @@ def _processors() -> list[Any]:
 
 def _open(path: Path) -> IO[bytes]:
     try:
-        return path.open("ab", buffering=0)
+        return path.open("ab")
     except OSError as error:
         raise ConfigError(
             "INVOISX_PROXY_LOG_FILE", f"cannot open {path}: {error.strerror}"
@@ -77,15 +96,17 @@ class AuditLog:
         self._file = _open(log_file) if log_file else None
         stdout: IO[bytes] = sys.stdout.buffer
         streams = [*([stdout] if to_stdout else []), *([self._file] if self._file else [])]
+        self._writer = _LineWriter(streams)
         self.logger: FilteringBoundLogger = structlog.wrap_logger(
-            _LineWriter(streams),
+            self._writer,
             processors=_processors(),
             wrapper_class=structlog.make_filtering_bound_logger(0),
             cache_logger_on_first_use=True,
         )
 
     def close(self) -> None:
-        """Close the log file, if one was opened."""
+        """Write what is pending, then close the log file, if one was opened."""
+        self._writer.flush()
         if self._file is not None:
             self._file.close()
 

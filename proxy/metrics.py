@@ -3,16 +3,27 @@
 Labels carry only bounded, non-secret values: the templated route (never a raw id), the method
 (unknown ones folded into `OTHER`), the status, the decision and the client's name. The token
 appears only as its fingerprint.
+
+What every API call updates is plain counting in the event loop's thread (`_Calls`), handed
+to prometheus-client as metric families when scraped: its thread-safe metric objects take a
+lock per update, which cost several microseconds on every call (README, Performance).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from proxy.credentials import TokenHolder
 from proxy.policy import METHOD_PERMISSIONS
@@ -22,6 +33,7 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # From a fast local answer to InvoisX's slowest document submissions.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BUCKET_LABELS = (*map(floatToGoString, _BUCKETS), "+Inf")  # as prometheus-client writes them
 _NO_ROUTE = "none"  # refused before a route could be read (bad or foreign path)
 
 
@@ -46,45 +58,83 @@ class _TokenCollector(Collector):
             )
 
 
+class _Histogram:
+    """Observations counted into `_BUCKETS`, as a histogram family shows them."""
+
+    __slots__ = ("_counts", "_sum", "documentation", "name")
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._counts = [0] * (len(_BUCKETS) + 1)  # the last one is +Inf
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(_BUCKETS, value)] += 1
+        self._sum += value
+
+    def family(self) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, count in zip(_BUCKET_LABELS, self._counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        return HistogramMetricFamily(
+            self.name, self.documentation, buckets=buckets, sum_value=self._sum
+        )
+
+
+class _Calls(Collector):
+    """What every API call updates: its outcome, its durations, InvoisX's remaining calls."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str, str, str], int] = {}
+        self.request_seconds = _Histogram(
+            "invoisx_proxy_request_duration_seconds", "Whole API calls through the proxy."
+        )
+        self.upstream_seconds = _Histogram(
+            "invoisx_proxy_upstream_duration_seconds", "Time until InvoisX's response headers."
+        )
+        self.ratelimit_wait_seconds = _Histogram(
+            "invoisx_proxy_ratelimit_wait_seconds",
+            "Time calls waited in the local rate-limit queue (calls that waited at all).",
+        )
+        self.ratelimit_remaining: int | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "invoisx_proxy_requests",
+            "API calls answered, by outcome.",
+            labels=["method", "route", "status", "decision", "client"],
+        )
+        for labels, count in self.counts.items():
+            requests.add_metric(labels, count)
+        yield requests
+        yield self.request_seconds.family()
+        yield self.upstream_seconds.family()
+        yield self.ratelimit_wait_seconds.family()
+        if self.ratelimit_remaining is not None:
+            yield GaugeMetricFamily(
+                "invoisx_proxy_upstream_ratelimit_remaining",
+                "InvoisX's X-RateLimit-Remaining on its latest response.",
+                value=self.ratelimit_remaining,
+            )
+
+
 class Metrics:
-    """The proxy's metrics in a registry of its own (never the process-global one)."""
+    """The proxy's metrics in a registry of its own (never the process-global one).
+
+    The per-call updates are not thread-safe: they come from the event loop's thread only.
+    """
 
     def __init__(self, holder: TokenHolder) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_TokenCollector(holder))
-        self._requests = Counter(
-            "invoisx_proxy_requests",
-            "API calls answered, by outcome.",
-            ["method", "route", "status", "decision", "client"],
-            registry=self.registry,
-        )
-        self._request_seconds = Histogram(
-            "invoisx_proxy_request_duration_seconds",
-            "Whole API calls through the proxy.",
-            buckets=_BUCKETS,
-            registry=self.registry,
-        )
-        self._upstream_seconds = Histogram(
-            "invoisx_proxy_upstream_duration_seconds",
-            "Time until InvoisX's response headers.",
-            buckets=_BUCKETS,
-            registry=self.registry,
-        )
-        self._ratelimit_wait_seconds = Histogram(
-            "invoisx_proxy_ratelimit_wait_seconds",
-            "Time calls waited in the local rate-limit queue (calls that waited at all).",
-            buckets=_BUCKETS,
-            registry=self.registry,
-        )
+        self._calls = _Calls()
+        self.registry.register(self._calls)
         self._reloads = Counter(
             "invoisx_proxy_token_reloads",
             "Token file reloads, by result.",
             ["result"],
-            registry=self.registry,
-        )
-        self._ratelimit_remaining = Gauge(
-            "invoisx_proxy_upstream_ratelimit_remaining",
-            "InvoisX's X-RateLimit-Remaining on its latest response.",
             registry=self.registry,
         )
         self._auth_failures = Counter(
@@ -94,8 +144,6 @@ class Metrics:
         )
         for result in ("success", "unchanged", "error"):
             self._reloads.labels(result)  # shown at 0 from the start, so alerts can use rate()
-        # Label lookups take a lock and build tuples; the label sets are bounded, so keep them.
-        self._request_counters: dict[tuple[str, str, int, str, str], Counter] = {}
 
     def request(
         self,
@@ -110,24 +158,20 @@ class Metrics:
         waited_seconds: float = 0.0,
     ) -> None:
         """Count one finished API call."""
-        key = (method, route or _NO_ROUTE, status, decision, client)
-        counter = self._request_counters.get(key)
-        if counter is None:
-            label_method = method if method in METHOD_PERMISSIONS else "OTHER"
-            counter = self._requests.labels(label_method, key[1], str(status), decision, client)
-            if label_method == method:
-                self._request_counters[key] = counter
-        counter.inc()
-        self._request_seconds.observe(seconds)
+        calls = self._calls
+        label_method = method if method in METHOD_PERMISSIONS else "OTHER"
+        key = (label_method, route or _NO_ROUTE, str(status), decision, client)
+        calls.counts[key] = calls.counts.get(key, 0) + 1
+        calls.request_seconds.observe(seconds)
         if upstream_seconds is not None:
-            self._upstream_seconds.observe(upstream_seconds)
+            calls.upstream_seconds.observe(upstream_seconds)
         if waited_seconds:
-            self._ratelimit_wait_seconds.observe(waited_seconds)
+            calls.ratelimit_wait_seconds.observe(waited_seconds)
 
-    def ratelimit_remaining(self, value: str | None) -> None:
+    def ratelimit_remaining(self, value: bytes | None) -> None:
         """Record InvoisX's X-RateLimit-Remaining header, when it sent a number."""
         if value is not None and value.isdigit():
-            self._ratelimit_remaining.set(int(value))
+            self._calls.ratelimit_remaining = int(value)
 
     def upstream_auth_failure(self) -> None:
         """Count a token-level refusal from InvoisX."""
