@@ -23,6 +23,7 @@ __all__ = [
     "process_tree",
     "rss_mb",
     "start_service",
+    "wait_idle",
     "wait_ready",
 ]
 
@@ -138,6 +139,32 @@ def wait_ready(
             last = f"HTTP {status}: {body[:200]!r}"
         time.sleep(0.05)
     raise ReadinessError(f"{service.name} not ready on :{port}{path} ({last}):\n{service.tail()}")
+
+
+def _cpu_ticks(cpu: int) -> tuple[int, int]:
+    """(busy, total) jiffies of one CPU since boot, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        for line in stat:
+            if line.startswith(f"cpu{cpu} "):
+                ticks = [int(field) for field in line.split()[1:]]
+                idle = ticks[3] + ticks[4]  # idle and iowait
+                return sum(ticks) - idle, sum(ticks)
+    raise ValueError(f"no cpu{cpu} in /proc/stat")
+
+
+def wait_idle(cpu: int, *, busy_below: float = 0.1, timeout_s: float = 3.0) -> float:
+    """Wait until `cpu` is idle over a 0.1 s window (a server still working off the previous
+    run's backlog would otherwise take CPU from the next); return the seconds waited."""
+    started = time.monotonic()
+    before = _cpu_ticks(cpu)
+    while time.monotonic() - started < timeout_s:
+        time.sleep(0.1)
+        after = _cpu_ticks(cpu)
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total and busy / total < busy_below:
+            break
+        before = after
+    return time.monotonic() - started
 
 
 def _parent_pid(pid: int) -> int | None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loadgen import CountedLoad, drive
-from procs import ReadinessError, Service, free_port, process_tree, rss_mb
+from procs import ReadinessError, Service, free_port, process_tree, rss_mb, wait_idle
 from report import Check, check, format_checks, format_table, ratios, summarise
 from services import (
     BUYERS_PATH,
@@ -67,8 +67,8 @@ def _targets(value: str) -> tuple[str, ...]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run (4)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
+    parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run (3)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (10)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per target (2)")
     parser.add_argument("--only", type=_targets, default=TARGETS, help=",".join(TARGETS))
     parser.add_argument("--skip-streaming", action="store_true")
@@ -227,6 +227,8 @@ def start_targets(bench: Bench) -> list[Target]:
 
 
 def _wrk(bench: Bench, target: Target, conns: int, seconds: int, label: str) -> WrkResult | None:
+    if bench.placement.server is not None:
+        wait_idle(bench.placement.server)
     try:
         result = run_wrk(target.url, conns, seconds, target.headers)
     except (WrkError, subprocess.TimeoutExpired) as exc:
@@ -242,8 +244,21 @@ def _wrk(bench: Bench, target: Target, conns: int, seconds: int, label: str) -> 
     return result
 
 
+def schedule(targets: Sequence[Target], round_no: int) -> list[tuple[Target, int]]:
+    """The runs of one round: each target's concurrencies back to back, so comparing a target
+    with itself at another concurrency is not disturbed by other servers' runs in between.
+
+    Rounds rotate which target goes first and alternate the order of the concurrencies, so no
+    run always follows the same one.
+    """
+    start = (round_no - 1) % len(targets)
+    order = [*targets[start:], *targets[:start]]
+    concurrencies = CONCURRENCIES if round_no % 2 else CONCURRENCIES[::-1]
+    return [(target, conns) for target in order for conns in concurrencies]
+
+
 def run_load(bench: Bench, targets: Sequence[Target]) -> dict[tuple[str, int], list[WrkResult]]:
-    """Warm up each target, then interleave: round -> concurrency -> target."""
+    """Warm up each target, then the rounds (see `schedule`)."""
     args = bench.args
     warmups = []
     for target in targets if args.warmup else ():
@@ -254,16 +269,15 @@ def run_load(bench: Bench, targets: Sequence[Target]) -> dict[tuple[str, int], l
     runs: dict[tuple[str, int], list[WrkResult]] = {}
     records = []
     for round_no in range(1, args.rounds + 1):
-        for conns in CONCURRENCIES:
-            for target in targets:
-                label = f"round {round_no} c={conns} {target.name}"
-                result = _wrk(bench, target, conns, args.duration, label)
-                if result is not None:
-                    runs.setdefault((target.name, conns), []).append(result)
-                    records.append(
-                        {"round": round_no, "target": target.name, "connections": conns}
-                        | result.as_dict()
-                    )
+        for target, conns in schedule(targets, round_no):
+            label = f"round {round_no} c={conns} {target.name}"
+            result = _wrk(bench, target, conns, args.duration, label)
+            if result is not None:
+                runs.setdefault((target.name, conns), []).append(result)
+                records.append(
+                    {"round": round_no, "target": target.name, "connections": conns}
+                    | result.as_dict()
+                )
     bench.figures["runs"] = records
     return runs
 
