@@ -150,11 +150,17 @@ class Connection(asyncio.Protocol):
         self._transport.write(data)
 
     async def drain(self) -> None:
-        """Wait until InvoisX takes more of the upload, or has already answered."""
+        """Wait until InvoisX takes more of the upload, or has already answered; raise when
+        the connection is gone, since the rest of the upload is moot then."""
         while self._write_paused and not self.head_in:
             await self._wait()
-        if self._error is not None and not self.head_in:
-            raise self._error  # the connection is gone: the rest of the upload is moot
+        if self.head_in:
+            return
+        if self._error is not None:
+            raise self._error
+        if not self.is_open:
+            # A failed write closes the transport at once; connection_lost comes a turn later.
+            raise Broken("the connection to InvoisX closed during the upload")
 
     async def response_head(self) -> None:
         """Wait for the answer's status line and headers (`status`, `headers`)."""
