@@ -93,6 +93,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
     audit = AuditLog(settings.log_file, to_stdout=audit_to_stdout)
     metrics = Metrics(tokens)
     forwarder = Forwarder(
+        log=audit.logger,
         base_url=settings.api_url,
         max_body=settings.max_body_bytes,
         timeout=settings.upstream_timeout,

@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from starlette.types import Receive, Scope, Send
+from structlog.typing import FilteringBoundLogger
 
 from proxy import __version__
 from proxy.errors import Decision, ProxyError
 from proxy.policy import Permission
-from proxy.ratelimit import RateLimiter
+from proxy.ratelimit import RateLimiter, header_number
 from proxy.upstream import Broken, Connection, Origin, Pool, Stalled, Unreachable
 
 __all__ = [
@@ -71,6 +72,8 @@ _JSON = b"application/json"
 _USER_AGENT = f"invoisx-proxy/{__version__}".encode()
 # Seconds a call may run before the proxy starts listening for a client disconnect.
 _WATCH_AFTER = 1.0
+# Seconds a call may wait on its own client while it holds one of the pool's turns.
+_STEP_ASIDE_AFTER = 1.0
 # nginx's convention for "client closed the connection before the response was complete".
 _CLIENT_CLOSED = 499
 # The response headers must be in within this many upstream timeouts of the request.
@@ -292,8 +295,8 @@ def _retry_delay(status: int, headers: Mapping[bytes, bytes], retries: int) -> f
     """Seconds to wait before retrying a call InvoisX answered so, or None when it is final."""
     if status not in _RETRYABLE_STATUSES:
         return None
-    retry_after = headers.get(b"retry-after", b"")
-    return float(retry_after) if retry_after.isdigit() else _backoff(retries)
+    retry_after = header_number(headers.get(b"retry-after"))
+    return float(retry_after) if retry_after is not None else _backoff(retries)
 
 
 def _unavailable() -> ProxyError:
@@ -324,13 +327,15 @@ class _Call:
 
     The watch gives up on InvoisX when it stays silent (or stops taking an upload) for the
     upstream timeout while the call waits for it, or when its headers are not all in within
-    `_HEADERS_WITHIN` timeouts of the request. Once a call has run for `_WATCH_AFTER`, the
-    watch listens for the client leaving, which cancels the call; a quick answer is over
-    before a disconnect could save much work. Listening waits for the request body to be
-    read: until then, `receive()` belongs to the body.
+    `_HEADERS_WITHIN` timeouts of the request. A call that has waited on its own client for
+    `_STEP_ASIDE_AFTER` (a slow upload, an answer read slowly) gives its pool turn to the next
+    call. Once a call has run for `_WATCH_AFTER`, the watch listens for the client leaving,
+    which cancels the call; a quick answer is over before a disconnect could save much work.
+    Listening waits for the request body to be read: until then, `receive()` belongs to it.
     """
 
     __slots__ = (
+        "_client_since",
         "_listen",
         "_listener",
         "_owner",
@@ -361,13 +366,21 @@ class _Call:
         self._listener: asyncio.Task[None] | None = None
         self._seen = -1
         self._quiet_since = started
+        self._client_since: float | None = None
         self.connection: Connection | None = None
         self.waiting = False  # for InvoisX: its answer, or room for more of the upload
         self.sent_at: float | None = None
         self.body_read = body_read
         self.client_left = False
 
-    def check(self, now: float, timeout: float) -> None:
+    def use(self, connection: Connection | None) -> None:
+        """The connection the call's current attempt uses (None between attempts)."""
+        self.connection = connection
+        self.sent_at = None
+        self._seen = -1  # a new connection's silence is counted from now
+        self._client_since = None
+
+    def check(self, now: float, timeout: float, pool: Pool) -> None:
         """One tick of the watch."""
         connection = self.connection
         if connection is not None:
@@ -376,6 +389,12 @@ class _Call:
                 self._quiet_since = now
             elif now - self._quiet_since >= timeout:
                 connection.time_out()
+            if self.waiting:
+                self._client_since = None
+            elif self._client_since is None:
+                self._client_since = now
+            elif now - self._client_since >= _STEP_ASIDE_AFTER:
+                pool.step_aside(connection)
             # A silent InvoisX is caught above; this one would trickle its headers forever.
             sent_at = self.sent_at
             overdue = sent_at is not None and now - sent_at >= _HEADERS_WITHIN * timeout
@@ -415,8 +434,10 @@ class Forwarder:
         max_connections: int = 64,
         limiter: RateLimiter | None = None,
         retry_max: int = 0,
+        log: FilteringBoundLogger,
     ) -> None:
         self._origin = Origin.from_url(base_url)
+        self._log = log
         self._max_body = max_body
         self._max_header_bytes = max_header_bytes
         self._limiter = limiter
@@ -577,7 +598,11 @@ class Forwarder:
             await asyncio.sleep(self._tick)
             now = self._loop.time()
             for call in list(self._calls):
-                call.check(now, self._timeout)
+                try:
+                    call.check(now, self._timeout, self._pool)
+                except Exception:
+                    # A bug, but the watch must go on: it is every call's timeout.
+                    self._log.exception("internal_error", stage="forward watch")
             self._pool.expire(now)
 
     async def _exchange(
@@ -597,7 +622,7 @@ class Forwarder:
         try:
             await self._relay(connection, send, exchange, call, capture)
         finally:
-            call.connection = None
+            call.use(None)
             self._pool.release(connection)
 
     async def _send_with_retries(
@@ -625,24 +650,33 @@ class Forwarder:
             except Broken as error:
                 raise _unavailable() from error
             else:
-                headers = dict(connection.headers)
-                if self._limiter is not None:
-                    self._limiter.learn(connection.status, headers)
-                delay = _retry_delay(connection.status, headers, exchange.retries)
+                try:
+                    delay = self._learn(connection, exchange.retries)
+                except BaseException:
+                    call.use(None)
+                    self._pool.release(connection)
+                    raise
                 if delay is None or not retries_left or time.perf_counter() + delay >= deadline:
                     return connection
-                call.connection = None  # the pool may hand it to another call meanwhile
+                call.use(None)  # the pool may hand it to another call meanwhile
                 self._pool.release(connection)
             retries_left -= 1
             exchange.retries += 1
             await asyncio.sleep(delay)
 
+    def _learn(self, connection: Connection, retries: int) -> float | None:
+        """Tell the limiter what InvoisX answered; the seconds before a retry, or None."""
+        headers = dict(connection.headers)
+        if self._limiter is not None:
+            self._limiter.learn(connection.status, headers)
+        return _retry_delay(connection.status, headers, retries)
+
     async def _attempt(self, request: _Request, call: _Call, exchange: Exchange) -> Connection:
         """Send the request on a connection and wait for the answer's headers."""
         assert self._loop is not None
         connection = await self._pool.acquire(head_only=request.method == "HEAD")
-        call.connection = connection
-        call.sent_at = None
+        exchange.waited_ms += connection.waited * 1000
+        call.use(connection)
         try:
             if isinstance(request.body, _Upload):
                 connection.send(request.head, last=False)
@@ -653,7 +687,7 @@ class Forwarder:
             call.waiting = True
             await connection.response_head()
         except BaseException:
-            call.connection = None
+            call.use(None)
             self._pool.release(connection)  # not reusable: the exchange did not end cleanly
             raise
         finally:

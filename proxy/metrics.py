@@ -27,6 +27,7 @@ from prometheus_client.utils import floatToGoString
 
 from proxy.credentials import TokenHolder
 from proxy.policy import METHOD_PERMISSIONS
+from proxy.ratelimit import header_number
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -170,8 +171,9 @@ class Metrics:
 
     def ratelimit_remaining(self, value: bytes | None) -> None:
         """Record InvoisX's X-RateLimit-Remaining header, when it sent a number."""
-        if value is not None and value.isdigit():
-            self._calls.ratelimit_remaining = int(value)
+        remaining = header_number(value)
+        if remaining is not None:
+            self._calls.ratelimit_remaining = remaining
 
     def upstream_auth_failure(self) -> None:
         """Count a token-level refusal from InvoisX."""

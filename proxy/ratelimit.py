@@ -22,11 +22,19 @@ from collections.abc import Mapping
 
 from proxy.errors import ProxyError
 
-__all__ = ["RateLimiter"]
+__all__ = ["RateLimiter", "header_number"]
 
 _DEFAULT_RETRY_AFTER = 60.0  # what InvoisX sends with its own 429s
 # Seconds between rounds of the fair queue: long enough for competing calls to gather.
 _ROUND = 0.02
+
+
+def header_number(value: bytes | None) -> int | None:
+    """A header value that is a plain whole number (a count, seconds, a Unix time), or None;
+    more than ten digits is no sane value and would overflow the arithmetic."""
+    if value is None or not value.isdigit() or len(value) > 10:
+        return None
+    return int(value)
 
 
 class _Bucket:
@@ -103,17 +111,17 @@ class RateLimiter:
         """Correct the bucket from InvoisX's answer (`headers` by lowercase name): its
         remaining count, reset and 429s."""
         now = time.monotonic()
-        remaining = headers.get(b"x-ratelimit-remaining", b"")
-        if remaining.isdigit():
+        remaining = header_number(headers.get(b"x-ratelimit-remaining"))
+        if remaining is not None:
             self._bucket.refill(now)
             self._bucket.tokens = min(self._bucket.tokens, float(remaining))
-            reset = headers.get(b"x-ratelimit-reset", b"")
-            if remaining == b"0" and reset.isdigit():
-                self._block(now + max(0.0, int(reset) - time.time()))
+            reset = header_number(headers.get(b"x-ratelimit-reset"))
+            if remaining == 0 and reset is not None:
+                self._block(now + max(0.0, reset - time.time()))
         if status == 429:
-            retry_after = headers.get(b"retry-after", b"")
+            retry_after = header_number(headers.get(b"retry-after"))
             self._bucket.tokens = 0.0
-            self._block(now + (int(retry_after) if retry_after.isdigit() else _DEFAULT_RETRY_AFTER))
+            self._block(now + (_DEFAULT_RETRY_AFTER if retry_after is None else retry_after))
 
     def _block(self, until: float) -> None:
         self._blocked_until = max(self._blocked_until, until)

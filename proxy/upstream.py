@@ -4,13 +4,17 @@ The forward stage needs little of an HTTP client: one origin, requests it has al
 and framed, bodies passed through as bytes. A general client (aiohttp) spent as much CPU per
 call as all the proxy's other stages together (README, Performance), so this module does that
 little itself: httptools (llhttp, the parser uvicorn uses for requests) reads the answers, and
-a stack of idle keep-alive connections saves the connect. Nothing here reads the environment
-(no proxy variables, no .netrc, no cookies) and TLS certificates are always verified.
+a stack of idle keep-alive connections saves the connect. No proxy variables or .netrc are
+read, no cookies kept, and TLS certificates are always verified.
 
 A connection serves one exchange at a time: `Pool.acquire`, `Connection.send` the request,
 await `Connection.response_head`, then `Connection.take` body bytes until `complete` (awaiting
 `Connection.more` in between), and `Pool.release`. Timeouts are the caller's: it watches
 `progress` and calls `Connection.time_out`, so a call costs no timer of its own here.
+
+A connection kept alive is reused only after an exchange that ended cleanly. Bytes that come
+with an answer but beyond it are caught; bytes an upstream sends later, after the answer
+looked complete, cannot be told apart from its next answer: a limit of HTTP/1.1 keep-alive.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ __all__ = ["Broken", "Connection", "Origin", "Pool", "Stalled", "Unreachable", "
 
 # Response bytes held for a client that reads slower than InvoisX sends, before reading pauses.
 _HIGH_WATER = 262_144
-# The parser sets no limit on response headers; InvoisX's are a few hundred bytes.
+# The parser sets no limit on response headers; InvoisX's are a few hundred bytes. Counted
+# header by header, and as bytes received while the head is incomplete: the parser grows an
+# unfinished header value without bound.
 _MAX_HEADER_BYTES = 65_536
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -75,10 +81,13 @@ class Connection(asyncio.Protocol):
     """One keep-alive connection and the state of the exchange it is serving."""
 
     __slots__ = (
+        "_answered_early",
         "_buffered",
         "_busy",
         "_chunks",
+        "_eof",
         "_error",
+        "_head_bytes",
         "_head_only",
         "_header_bytes",
         "_interim",
@@ -88,19 +97,23 @@ class Connection(asyncio.Protocol):
         "_read_paused",
         "_sent",
         "_tainted",
+        "_tls",
         "_transport",
         "_waiter",
         "_write_paused",
         "complete",
         "head_in",
         "headers",
+        "holds_turn",
         "idle_since",
         "progress",
         "status",
+        "waited",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, tls: bool) -> None:
         self._loop = loop
+        self._tls = tls
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -108,6 +121,7 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._busy = False
+        self._eof = False
         # Set by a failure, or by anything after the answer (a second response, garbage, a
         # body to a HEAD): the stream can no longer be trusted to start where the next
         # exchange expects, so later parser callbacks are ignored and it is never reused.
@@ -115,13 +129,20 @@ class Connection(asyncio.Protocol):
         self._interim = False
         self._head_only = False
         self._sent = False
+        # The answer came before the request was all sent: InvoisX may not have read the rest.
+        self._answered_early = False
         self._keep_alive = False
         self._chunks: list[bytes] = []
         self._buffered = 0
+        self._head_bytes = 0
         self._header_bytes = 0
         # Bytes received and upload room regained: what a caller watches to tell a stall.
         self.progress = 0
         self.idle_since = 0.0
+        # Whether this exchange counts against the pool's limit (see `Pool.step_aside`), and
+        # the seconds it waited for its turn.
+        self.holds_turn = False
+        self.waited = 0.0
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []  # names lowercased
         self.head_in = False
@@ -134,9 +155,11 @@ class Connection(asyncio.Protocol):
         self._busy = True
         self._head_only = head_only
         self._sent = False
+        self._answered_early = False
         self._keep_alive = False
         self._chunks = []
         self._buffered = 0
+        self._head_bytes = 0
         self._header_bytes = 0
         self.status = 0
         self.headers = []
@@ -196,6 +219,7 @@ class Connection(asyncio.Protocol):
             self._sent
             and self.complete
             and self._keep_alive
+            and not self._answered_early
             and not self._tainted
             and not self._chunks
             and self._error is None
@@ -257,6 +281,9 @@ class Connection(asyncio.Protocol):
             # Bytes nobody asked for on an idle connection: it cannot be trusted any more.
             self.abort()
             return
+        in_head = not self.head_in
+        if in_head:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -266,13 +293,16 @@ class Connection(asyncio.Protocol):
                 self._tainted = True
             else:
                 self._fail(Broken(f"InvoisX's answer is not valid HTTP/1.1 ({error})"))
+        if in_head and not self.head_in and self._head_bytes > _MAX_HEADER_BYTES:
+            self._fail(Broken("InvoisX's response headers are too large"))
 
     def eof_received(self) -> bool:
+        self._eof = True
         return False  # the transport closes itself; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._busy and not self.complete and self._error is None:
-            if self.head_in and self._ends_at_close():
+            if self.head_in and self._ends_at_close(exc):
                 self.complete = True
             else:
                 self._error = Broken("InvoisX closed the connection before its answer ended")
@@ -295,7 +325,7 @@ class Connection(asyncio.Protocol):
             self._tainted = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._tainted:
+        if self._tainted or self.head_in:  # trailers after a chunked body: ignored
             return
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
@@ -314,6 +344,7 @@ class Connection(asyncio.Protocol):
             return
         self.status = status
         self.head_in = True
+        self._answered_early = not self._sent
         if self._head_only:
             # The parser cannot be told that a HEAD answer has no body, so it would read the
             # next bytes as one: this answer is complete, and the connection is not reused.
@@ -341,20 +372,27 @@ class Connection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         self._wake()
 
-    def _ends_at_close(self) -> bool:
-        # An answer with neither length nor chunked framing runs until the connection closes.
+    def _ends_at_close(self, exc: Exception | None) -> bool:
+        """Whether a closed connection is the proper end of the answer: one with neither length
+        nor chunked framing runs until the connection closes. Only a clean close of a plain
+        TCP connection counts: a reset cuts it short, and over TLS a cut cannot be told apart
+        from a close (asyncio reports both alike), so such an answer stays incomplete there."""
         framing = (b"content-length", b"transfer-encoding")
-        return not any(name in framing for name, _ in self.headers)
+        unframed = not any(name in framing for name, _ in self.headers)
+        return unframed and exc is None and self._eof and not self._tls
 
 
 class Pool:
-    """Keep-alive connections to one origin: at most `limit` in use, idle ones newest first.
+    """Keep-alive connections to one origin: at most `limit` exchanges at a time hold a turn,
+    idle connections are reused newest first.
 
-    A call that finds every connection in use waits its turn: a released connection goes to
-    the longest waiting call, never to a newcomer, so no call is overtaken again and again.
-    Bounding the calls in flight also keeps the proxy's per-call cost flatter under hundreds
-    of concurrent clients (README, Performance). The owner calls `expire` now and then: it
-    closes connections idle too long and gives up for calls that waited too long.
+    A call that finds every turn taken waits: a freed turn goes to the longest waiting call,
+    never to a newcomer, so no call is overtaken again and again. An exchange held up by its
+    own client (a slow upload, an answer read slowly) can `step_aside`: it keeps its
+    connection but frees its turn, so slow clients cannot starve the others. Bounding the
+    exchanges in flight also keeps the proxy's per-call cost flatter under hundreds of
+    concurrent clients (README, Performance). The owner calls `expire` now and then: it closes
+    connections idle too long and gives up for calls that waited too long.
     """
 
     def __init__(
@@ -377,23 +415,27 @@ class Pool:
         self._loop = loop
 
     async def acquire(self, *, head_only: bool) -> Connection:
-        """A connection for one exchange: idle, or new once one is free within the connect
-        timeout. Raises `Unreachable` when none is free in time or none can be opened."""
+        """A connection for one exchange, with a turn: idle or new, once a turn is free within
+        the connect timeout. Raises `Unreachable` when none is free in time or none opens."""
+        waited = 0.0
         if self._in_use < self._limit and not self._waiters:
             self._in_use += 1
         else:
-            await self._wait_turn()
+            waited = await self._wait_turn()
         try:
             connection = self._idle_connection() or await self._connect()
         except BaseException:
             self._hand_on()
             raise
         connection.begin(head_only=head_only)
+        connection.holds_turn = True
+        connection.waited = waited
         return connection
 
     def release(self, connection: Connection) -> None:
         """End the exchange: keep `connection` for the next one when it ended cleanly, else
         close it. Every acquired connection must come back here, whatever happened."""
+        self.step_aside(connection)
         if connection.reusable and not self._closed:
             connection.park()
             self._idle.append(connection)
@@ -401,7 +443,12 @@ class Pool:
             connection.close()
         else:
             connection.abort()  # InvoisX must not take a half-sent request for a whole one
-        self._hand_on()
+
+    def step_aside(self, connection: Connection) -> None:
+        """Free the exchange's turn for the next call; the exchange keeps its connection."""
+        if connection.holds_turn:
+            connection.holds_turn = False
+            self._hand_on()
 
     def expire(self, now: float) -> None:
         """Close connections idle too long (InvoisX may close them first, mid-request) and
@@ -413,10 +460,12 @@ class Pool:
             if not turn.done():
                 turn.set_exception(Unreachable("every connection to InvoisX stayed busy"))
 
-    async def _wait_turn(self) -> None:
+    async def _wait_turn(self) -> float:
+        """Wait for a freed turn; the seconds waited."""
         assert self._loop is not None, "open the pool first"
         turn = self._loop.create_future()
-        self._waiters.append((self._loop.time() + self._connect_timeout, turn))
+        started = self._loop.time()
+        self._waiters.append((started + self._connect_timeout, turn))
         try:
             await turn
         except BaseException:
@@ -425,6 +474,7 @@ class Pool:
             elif not turn.cancelled() and turn.exception() is None:
                 self._hand_on()  # the turn came as the call gave up: pass it on
             raise
+        return self._loop.time() - started
 
     def _hand_on(self) -> None:
         """Give a freed turn to the longest waiting call, or count it free."""
@@ -455,7 +505,7 @@ class Pool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await loop.create_connection(
-                    lambda: Connection(loop),
+                    lambda: Connection(loop, tls=origin.tls),
                     origin.host,
                     origin.port,
                     ssl=self._ssl,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import os
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -597,3 +598,132 @@ def test_a_client_leaving_while_its_call_waits_for_a_connection_frees_its_turn(
     )
     assert after.status_code == 200
     assert (stand_in.calls, stand_in.peak) == (2, 1)  # the call that was left never went out
+
+
+@pytest.mark.parametrize("stall", ["upload", "download"])
+def test_clients_that_stall_give_their_connection_turn_to_others(
+    stall: str, recorder: Upstream, start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = lambda request: Reply(chunks=[b"x" * 8_000_000])
+    proxy = start_proxy(upstream, max_upstream_connections=1, upstream_timeout=10)
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if stall == "upload":  # one byte of a promised hundred, then nothing
+            stuck.sendall(
+                b"POST /api/v1/buyers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"
+            )
+        else:  # asks for 8 MB and never reads them
+            stuck.sendall(b"GET /api/v1/big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        time.sleep(0.3)
+        started = time.monotonic()
+        response = httpx.get(f"{proxy.url}/api/v1/invoices", timeout=10)
+        elapsed = time.monotonic() - started
+    # Within the connection timeout (10 s), after the stuck call stepped aside (about 1 s).
+    assert response.status_code == 200
+    assert elapsed < 3
+
+
+def test_a_retry_gets_the_whole_timeout_on_its_new_connection(start_proxy: object) -> None:
+    answers = iter(
+        [
+            (
+                0.4,
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0"
+                b"\r\nConnection: close\r\n\r\n",
+            ),
+            (
+                0.8,
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+            ),
+        ]
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        delay, answer = next(answers)
+        await asyncio.sleep(delay)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    with _raw_server(handle) as port:
+        proxy = start_proxy(  # type: ignore[operator]
+            f"http://127.0.0.1:{port}/api/v1", upstream_timeout=1.0, retry_max=2
+        )
+        response = httpx.get(f"{proxy.url}/api/v1/buyers", timeout=10)
+    # The retry waited 0.8 s for its answer: within the 1 s timeout, counted afresh.
+    assert (response.status_code, response.content) == (200, b"{}")
+    assert proxy.audit_of(response)["retries"] == 1
+
+
+def test_an_absurd_number_in_invoisx_headers_costs_no_connection_turn(
+    start_proxy: object,
+) -> None:
+    absurd = b"9" * 400  # would overflow the rate limiter's arithmetic
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nX-RateLimit-Remaining: 0\r\nX-RateLimit-Reset: "
+                    + absurd
+                    + b"\r\nContent-Length: 2\r\n\r\n{}"
+                )
+                await writer.drain()
+
+    with _raw_server(handle) as port:
+        proxy = start_proxy(  # type: ignore[operator]
+            f"http://127.0.0.1:{port}/api/v1",
+            max_upstream_connections=1,
+            upstream_timeout=1,
+            rate_limit_per_minute=6000,
+        )
+        statuses = [httpx.get(f"{proxy.url}/api/v1/buyers").status_code for _ in range(3)]
+    # Each answer passed through; none left the one connection's turn taken.
+    assert statuses == [200, 200, 200]
+
+
+@contextmanager
+def _raw_server(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> Iterator[int]:
+    """An asyncio TCP server running `handle` per connection, in a thread; yields its port.
+
+    On the way out its connections are closed and their tasks ended, as tests/faulty.py does.
+    """
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    ports: list[int] = []
+    stop = asyncio.Event()
+
+    async def handle_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle(reader, writer)
+        finally:
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle_and_close, "127.0.0.1", 0)
+        ports.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        async with server:
+            await stop.wait()
+            server.close()
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)  # let the transports finish closing
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10), "the raw server did not start"
+        yield ports[0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()

@@ -7,6 +7,9 @@ the test wants, so framing, reuse and the pool's queue are checked below the pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -20,10 +23,22 @@ GET = b"GET /api/v1/buyers HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
 
+def closing(handler: Handler) -> Handler:
+    """`handler`, closing its connection when it returns or is cancelled."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    return handle
+
+
 @asynccontextmanager
 async def serving(handler: Handler) -> AsyncIterator[Pool]:
     """A scripted server on a free port, and a pool of at most 2 connections to it."""
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    server = await asyncio.start_server(closing(handler), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     pool = Pool(
         Origin.from_url(f"http://127.0.0.1:{port}/api/v1"),
@@ -39,6 +54,7 @@ async def serving(handler: Handler) -> AsyncIterator[Pool]:
         ticking.cancel()
         pool.close()
         server.close()
+        await asyncio.sleep(0.02)  # the handlers see the pool's connections close, and end
 
 
 async def _tick(pool: Pool) -> None:
@@ -53,17 +69,13 @@ def answering(*answers: bytes, then_close: bool = False) -> Handler:
     """A handler that reads each request head and writes the next answer."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             for answer in answers:
                 await reader.readuntil(b"\r\n\r\n")
                 writer.write(answer)
                 await writer.drain()
             if not then_close:
                 await reader.read()  # until the client closes
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
 
     return handle
 
@@ -322,5 +334,103 @@ def test_an_upload_stops_when_the_connection_drops() -> None:
                     await connection.drain()
             assert sent < 20_000_000
             pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_a_header_that_never_ends_is_broken_once_past_the_limit() -> None:
+    async def endless_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(400):  # 4 MB at most, a 10 KB piece at a time
+                writer.write(b"a" * 10_000)
+                await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        async with serving(endless_header) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(GET, last=True)
+            with pytest.raises(Broken, match="too large"):
+                await connection.response_head()
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_an_answer_without_framing_cut_by_a_reset_is_broken() -> None:
+    async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\n\r\n{"data": [1, 2, 3')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    async def main() -> None:
+        async with serving(reset_mid_body) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(GET, last=True)
+            await connection.response_head()
+            await connection.more()
+            assert connection.take() == b'{"data": [1, 2, 3'
+            with pytest.raises(Broken):
+                await connection.more()
+            assert not connection.complete
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_over_tls_an_answer_without_framing_never_counts_as_complete() -> None:
+    # Over TLS a cut connection looks like a closed one, so "ended at close" proves nothing.
+    unframed = b"HTTP/1.1 200 OK\r\n\r\nuntil close"
+
+    async def main() -> None:
+        handler = closing(answering(unframed, then_close=True))
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        port = server.sockets[0].getsockname()[1]
+        _, connection = await loop.create_connection(
+            lambda: Connection(loop, tls=True), "127.0.0.1", port
+        )
+        connection.begin(head_only=False)
+        connection.send(GET, last=True)
+        await connection.response_head()
+        body = b""
+        with pytest.raises(Broken):
+            while True:
+                await connection.more()
+                body += connection.take()
+        assert body == b"until close"
+        connection.abort()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)  # the aborted transport reports its loss on a later turn
+
+    asyncio.run(main())
+
+
+def test_an_answer_before_the_whole_upload_is_sent_ends_the_connection() -> None:
+    async def answer_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: the body is not read
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        async with serving(answer_at_once) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(b"POST /api/v1/x HTTP/1.1\r\ncontent-length: 4\r\n\r\n", last=False)
+            await connection.response_head()
+            while not connection.complete:
+                await connection.more()
+            assert connection.take() == b"{}"
+            connection.send(b"body", last=True)  # too late: InvoisX answered without it
+            assert (connection.complete, connection.reusable) == (True, False)
+            pool.release(connection)
+            await _get_on_another(pool, connection)
 
     asyncio.run(main())
