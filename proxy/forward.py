@@ -317,6 +317,17 @@ def _timed_out() -> ProxyError:
     )
 
 
+def _request_head(
+    method: bytes, target: bytes, host: bytes, headers: list[tuple[bytes, bytes]]
+) -> bytes:
+    """The request line and headers, `host` first, ending with the blank line."""
+    lines = [method, b" ", target, b" HTTP/1.1\r\nhost: ", host]
+    for name, value in headers:
+        lines += (b"\r\n", name, b": ", value)
+    lines.append(b"\r\n\r\n")
+    return b"".join(lines)
+
+
 def _chunk(data: bytes, last: bool) -> bytes:
     framed = b"%x\r\n%b\r\n" % (len(data), data) if data else b""
     return framed + b"0\r\n\r\n" if last else framed
@@ -519,13 +530,11 @@ class Forwarder:
     async def probe(self, authorization: bytes) -> tuple[int, str | None]:
         """One small read call to InvoisX: its status and error code (status 0: unreachable)."""
         origin = self._origin
-        head = b"".join(
-            (
-                b"GET " + origin.base_path + b"/buyers?per_page=1 HTTP/1.1\r\n",
-                b"host: " + origin.host_header + b"\r\n",
-                b"accept: application/json\r\nuser-agent: " + _USER_AGENT + b"\r\n",
-                b"authorization: " + authorization + b"\r\n\r\n",
-            )
+        head = _request_head(
+            b"GET",
+            origin.base_path + b"/buyers?per_page=1",
+            origin.host_header,
+            [(b"accept", _JSON), (b"user-agent", _USER_AGENT), (b"authorization", authorization)],
         )
         try:
             connection = await self._pool.acquire(head_only=False)
@@ -585,11 +594,8 @@ class Forwarder:
         if body is None and method in _NO_BODY_METHODS:
             framing = []
         outgoing = request_headers(headers, authorization, body is not None, request_id)
-        lines = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", self._origin.host_header]
-        for name, value in (*outgoing, *framing):
-            lines += (b"\r\n", name, b": ", value)
-        lines.append(b"\r\n\r\n")
-        return _Request(method, b"".join(lines), body)
+        head = _request_head(method.encode(), target, self._origin.host_header, outgoing + framing)
+        return _Request(method, head, body)
 
     async def _watch(self) -> None:
         """Once a tick: check every call in flight, and let the pool expire what waited."""
@@ -622,8 +628,7 @@ class Forwarder:
         try:
             await self._relay(connection, send, exchange, call, capture)
         finally:
-            call.use(None)
-            self._pool.release(connection)
+            self._let_go(call, connection)
 
     async def _send_with_retries(
         self,
@@ -653,16 +658,19 @@ class Forwarder:
                 try:
                     delay = self._learn(connection, exchange.retries)
                 except BaseException:
-                    call.use(None)
-                    self._pool.release(connection)
+                    self._let_go(call, connection)
                     raise
                 if delay is None or not retries_left or time.perf_counter() + delay >= deadline:
                     return connection
-                call.use(None)  # the pool may hand it to another call meanwhile
-                self._pool.release(connection)
+                self._let_go(call, connection)  # the pool may hand it to another call meanwhile
             retries_left -= 1
             exchange.retries += 1
             await asyncio.sleep(delay)
+
+    def _let_go(self, call: _Call, connection: Connection) -> None:
+        """Stop watching `connection` for `call`, then give it back to the pool."""
+        call.use(None)
+        self._pool.release(connection)
 
     def _learn(self, connection: Connection, retries: int) -> float | None:
         """Tell the limiter what InvoisX answered; the seconds before a retry, or None."""
@@ -687,8 +695,7 @@ class Forwarder:
             call.waiting = True
             await connection.response_head()
         except BaseException:
-            call.use(None)
-            self._pool.release(connection)  # not reusable: the exchange did not end cleanly
+            self._let_go(call, connection)  # not reusable: the exchange did not end cleanly
             raise
         finally:
             call.waiting = False

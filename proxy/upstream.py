@@ -127,15 +127,6 @@ class Connection(asyncio.Protocol):
         # exchange expects, so later parser callbacks are ignored and it is never reused.
         self._tainted = False
         self._interim = False
-        self._head_only = False
-        self._sent = False
-        # The answer came before the request was all sent: InvoisX may not have read the rest.
-        self._answered_early = False
-        self._keep_alive = False
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._head_bytes = 0
-        self._header_bytes = 0
         # Bytes received and upload room regained: what a caller watches to tell a stall.
         self.progress = 0
         self.idle_since = 0.0
@@ -143,28 +134,14 @@ class Connection(asyncio.Protocol):
         # the seconds it waited for its turn.
         self.holds_turn = False
         self.waited = 0.0
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []  # names lowercased
-        self.head_in = False
-        self.complete = False
+        self._clear_exchange(head_only=False)
 
     # --- the exchange, as the forward stage drives it -------------------------------------
 
     def begin(self, *, head_only: bool) -> None:
         """Start an exchange; `head_only` for HEAD, whose answer has no body."""
         self._busy = True
-        self._head_only = head_only
-        self._sent = False
-        self._answered_early = False
-        self._keep_alive = False
-        self._chunks = []
-        self._buffered = 0
-        self._head_bytes = 0
-        self._header_bytes = 0
-        self.status = 0
-        self.headers = []
-        self.head_in = False
-        self.complete = False
+        self._clear_exchange(head_only=head_only)
 
     def send(self, data: bytes, *, last: bool) -> None:
         """Write request bytes; `last` marks the request as complete."""
@@ -247,6 +224,21 @@ class Connection(asyncio.Protocol):
         self._busy = False
         if self._transport is not None:
             self._transport.abort()
+
+    def _clear_exchange(self, *, head_only: bool) -> None:
+        self._head_only = head_only
+        self._sent = False
+        # The answer came before the request was all sent: InvoisX may not have read the rest.
+        self._answered_early = False
+        self._keep_alive = False
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._head_bytes = 0
+        self._header_bytes = 0
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []  # names lowercased
+        self.head_in = False
+        self.complete = False
 
     async def _wait(self) -> None:
         if self._error is not None:
