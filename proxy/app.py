@@ -26,7 +26,8 @@ from proxy.credentials import TokenHolder, load_token
 from proxy.errors import INTERNAL_ERROR, envelope
 from proxy.forward import Forwarder
 from proxy.health import TokenHealth
-from proxy.idempotency import MemoryStore
+from proxy.idempotency import BodyBudget, MemoryStore
+from proxy.listener import ClientProtocol, client_protocol
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.pipeline import ProxyEndpoint
 from proxy.ratelimit import RateLimiter
@@ -72,9 +73,13 @@ class ProxyFirst:
     no path, however odd, falls through to a response outside the InvoisX envelope.
     """
 
-    def __init__(self, endpoint: ProxyEndpoint, app: Starlette) -> None:
+    def __init__(
+        self, endpoint: ProxyEndpoint, app: Starlette, protocol: type[ClientProtocol]
+    ) -> None:
         self.endpoint = endpoint
         self.app = app
+        # The connection protocol to serve this app with (`serving.server_config`).
+        self.protocol = protocol
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -94,6 +99,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
     metrics = Metrics(tokens)
     forwarder = Forwarder(
         log=audit.logger,
+        metrics=metrics,
         base_url=settings.api_url,
         max_body=settings.max_body_bytes,
         timeout=settings.upstream_timeout,
@@ -107,6 +113,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         if settings.rate_limit_per_minute
         else None,
         retry_max=settings.retry_max,
+        client_timeout=settings.client_timeout,
     )
     health = TokenHealth(
         tokens,
@@ -127,7 +134,9 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
             max_entries=settings.idempotency_max_entries,
             max_bytes=settings.idempotency_max_bytes,
         ),
+        bodies=BodyBudget(settings.max_buffered_bytes),
         max_body=settings.max_body_bytes,
+        client_timeout=settings.client_timeout,
         loopback_listener=is_loopback(settings.host),
     )
     watches = []
@@ -191,7 +200,12 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
     app.state.configs = configs
     app.state.health = health
     app.state.metrics = metrics
-    return ProxyFirst(endpoint, app)
+    protocol = client_protocol(
+        max_header_bytes=settings.max_header_bytes,
+        client_timeout=settings.client_timeout,
+        report=endpoint.refused_on_wire,
+    )
+    return ProxyFirst(endpoint, app, protocol)
 
 
 @contextmanager

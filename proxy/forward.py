@@ -15,7 +15,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from starlette.types import Receive, Scope, Send
@@ -23,9 +23,11 @@ from structlog.typing import FilteringBoundLogger
 
 from proxy import __version__
 from proxy.errors import Decision, ProxyError
+from proxy.metrics import Metrics
 from proxy.policy import Permission
 from proxy.ratelimit import RateLimiter, header_number
-from proxy.upstream import Broken, Connection, Origin, Pool, Stalled, Unreachable
+from proxy.scrub import Scrub
+from proxy.upstream import Broken, Connection, Dropped, Origin, Pool, Stalled, Unreachable
 
 __all__ = [
     "Capture",
@@ -60,20 +62,21 @@ _NEVER_UPSTREAM = _HOP_BY_HOP | {
     b"x-proxy-key",
     b"x-request-id",
     b"expect",
+    b"accept-encoding",
     # The proxy frames the body itself (see `_framing`).
     b"content-length",
     # A Laravel backend would run the named method instead of the one the policy checked.
     b"x-http-method-override",
     b"x-http-method",
     b"x-method-override",
+    # httpoxy: a CGI-style backend reads this as its own outgoing proxy (HTTP_PROXY).
+    b"proxy",
 }
 _NEVER_DOWNSTREAM = _HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
 _JSON = b"application/json"
 _USER_AGENT = f"invoisx-proxy/{__version__}".encode()
 # Seconds a call may run before the proxy starts listening for a client disconnect.
 _WATCH_AFTER = 1.0
-# Seconds a call may wait on its own client while it holds one of the pool's turns.
-_STEP_ASIDE_AFTER = 1.0
 # nginx's convention for "client closed the connection before the response was complete".
 _CLIENT_CLOSED = 499
 # The response headers must be in within this many upstream timeouts of the request.
@@ -84,6 +87,10 @@ _ERROR_PEEK_BYTES = 65_536
 _IDLE_TIMEOUT = 15.0
 # What could split the request line: the parser in front refuses these, and so do we.
 _UNSAFE_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# Sees each chunk of a request body before it is forwarded; raises `ProxyError` to refuse it.
+Inspect = Callable[[bytes], None]
+# The characters of a header name that may go upstream (names arrive lowercased).
+_PLAIN = b"abcdefghijklmnopqrstuvwxyz0123456789-"
 # Methods whose requests carry no body, so no `Content-Length: 0` either.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD"})
 
@@ -111,6 +118,11 @@ class Exchange:
         self.status = self.status or _CLIENT_CLOSED
         self.decision = "upstream_error"
         self.error_code = "CLIENT_DISCONNECTED"
+
+    def client_stalled(self) -> None:
+        """Record that the client stopped reading the answer, which was then cut off."""
+        self.decision = "upstream_error"
+        self.error_code = "CLIENT_TIMEOUT"
 
 
 class ClientDisconnected(Exception):
@@ -146,7 +158,10 @@ def request_headers(
     accept: bytes | None = None
     for raw_name, value in headers:
         name = raw_name.lower()
-        if name in dropped or name.startswith(b"x-forwarded-"):
+        # PHP reads '_' and '.' in a header name as it reads '-' (all become HTTP_X_...), so
+        # X_Proxy_Key or X.HTTP.Method.Override would arrive as a header the rules drop; like
+        # nginx by default, only letters, digits and '-' go upstream.
+        if name in dropped or name.startswith(b"x-forwarded-") or name.translate(None, _PLAIN):
             continue
         if name == b"accept":
             accept = value
@@ -159,9 +174,8 @@ def request_headers(
     kept.append((b"accept", _check_utf8(accept)))
     if has_body and b"content-type" not in present:
         kept.append((b"content-type", _JSON))
-    # Say what compression and client the proxy accepts on the client's behalf: none, itself.
-    if b"accept-encoding" not in present:
-        kept.append((b"accept-encoding", b"identity"))
+    # Never compressed: the token scrub (`proxy.scrub`) must be able to read every answer.
+    kept.append((b"accept-encoding", b"identity"))
     if b"user-agent" not in present:
         kept.append((b"user-agent", _USER_AGENT))
     kept.append((b"x-request-id", request_id.encode()))
@@ -221,18 +235,55 @@ def _error_code(status: int, content_type: bytes, body: bytes) -> str | None:
     return None
 
 
-async def read_body(receive: Receive, limit: int, exchange: Exchange) -> bytes:
-    """The whole request body, for calls that must see it before forwarding (idempotency)."""
+def _length_mismatch(received: int, declared: int) -> ProxyError:
+    # Only a parser fault could cause this; InvoisX must never get a body other than the
+    # client's, nor an Idempotency-Key keep an answer to one.
+    return ProxyError(
+        400,
+        "BAD_REQUEST",
+        f"The request body has {'more' if received > declared else 'fewer'} bytes than its "
+        f"Content-Length ({declared}).",
+    )
+
+
+def _check_length(received: int, declared: int | None, last: bool) -> None:
+    if declared is not None and (received > declared or (last and received != declared)):
+        raise _length_mismatch(received, declared)
+
+
+async def read_body(
+    scope: Scope,
+    receive: Receive,
+    exchange: Exchange,
+    *,
+    limit: int,
+    client_timeout: float,
+    hold: Callable[[int], None],
+) -> bytes:
+    """The whole request body, for calls that must see it before forwarding (idempotency).
+
+    `hold` is told of each chunk's bytes as they come and may refuse them; a client silent
+    for `client_timeout` seconds gets 408.
+    """
+    declared = _content_length(scope["headers"])
     body = bytearray()
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(client_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise _client_timeout(client_timeout) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
-        body += message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
+        hold(len(chunk))
+        body += chunk
         exchange.bytes_in = len(body)
         if len(body) > limit:
             raise _too_large(limit)
-        if not message.get("more_body", False):
+        last = not message.get("more_body", False)
+        _check_length(len(body), declared, last)
+        if last:
             return bytes(body)
 
 
@@ -258,12 +309,52 @@ class Capture:
             self.body += chunk
 
 
+class _Answer:
+    """An answer's body on its way to the client: token masked, copied for `capture`, its
+    start kept to read an error code (`peek`), counted; then handed out as ready chunks."""
+
+    __slots__ = ("_capture", "_ready", "_scrub", "exchange", "last", "peek")
+
+    def __init__(
+        self, exchange: Exchange, scrub: Scrub, capture: Capture | None, *, peek: bool
+    ) -> None:
+        self.exchange = exchange
+        self._scrub = scrub
+        self._capture = capture
+        self._ready: list[tuple[bytes, bool]] = []
+        self.last = False  # the whole body has been handed in
+        self.peek = bytearray() if peek else None
+
+    def add(self, chunk: bytes, last: bool) -> int:
+        """Take in body bytes from InvoisX; the number of token copies masked in them."""
+        if not chunk and not last:
+            return 0
+        # Masked before anything else sees it: the idempotency copy, the error peek.
+        chunk, masked = self._scrub.body(chunk, last)
+        self.exchange.bytes_out += len(chunk)
+        if self._capture is not None:
+            self._capture.add(chunk)
+        if self.peek is not None and len(self.peek) < _ERROR_PEEK_BYTES:
+            self.peek += chunk
+        if chunk or last:  # a chunk may go whole into the scrub's carry
+            self._ready.append((chunk, last))
+        self.last = last
+        return masked
+
+    def take_ready(self) -> list[tuple[bytes, bool]]:
+        """The chunks taken in and not yet sent, with whether each is the last."""
+        ready, self._ready = self._ready, []
+        return ready
+
+
 @dataclass(frozen=True, slots=True)
 class _Upload:
-    """A request body streamed from the client as it arrives, chunked when it came chunked."""
+    """A request body streamed from the client as it arrives, chunked when it came chunked
+    (`declared` None), each chunk shown to `inspect` before it goes on."""
 
     receive: Receive
-    chunked: bool
+    declared: int | None
+    inspect: Inspect | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +399,17 @@ def _unavailable() -> ProxyError:
     )
 
 
+def _client_timeout(seconds: float) -> ProxyError:
+    return ProxyError(
+        408,
+        "CLIENT_TIMEOUT",
+        f"The client sent nothing for {seconds:g} seconds (INVOISX_PROXY_CLIENT_TIMEOUT); "
+        "the call was not sent on to InvoisX.",
+        # The rest of the body may never come: the connection cannot carry another request.
+        headers={"connection": "close"},
+    )
+
+
 def _timed_out() -> ProxyError:
     return ProxyError(
         504,
@@ -338,14 +440,17 @@ class _Call:
 
     The watch gives up on InvoisX when it stays silent (or stops taking an upload) for the
     upstream timeout while the call waits for it, or when its headers are not all in within
-    `_HEADERS_WITHIN` timeouts of the request. A call that has waited on its own client for
-    `_STEP_ASIDE_AFTER` (a slow upload, an answer read slowly) gives its pool turn to the next
-    call. Once a call has run for `_WATCH_AFTER`, the watch listens for the client leaving,
+    `_HEADERS_WITHIN` timeouts of the request. A call that has waited on its own client for the
+    client timeout (a stalled upload, an answer not read) is cancelled, so its connection to
+    InvoisX goes back to the pool. Once a call has run for `_WATCH_AFTER`, the watch listens
+    for the client leaving,
     which cancels the call; a quick answer is over before a disconnect could save much work.
     Listening waits for the request body to be read: until then, `receive()` belongs to it.
     """
 
     __slots__ = (
+        "_cancelled",
+        "_client_seen",
         "_client_since",
         "_listen",
         "_listener",
@@ -356,6 +461,8 @@ class _Call:
         "_started",
         "body_read",
         "client_left",
+        "client_moves",
+        "client_stalled",
         "connection",
         "sent_at",
         "waiting",
@@ -378,11 +485,16 @@ class _Call:
         self._seen = -1
         self._quiet_since = started
         self._client_since: float | None = None
+        # Chunks received from or sent to the client: a stall is a stretch without one.
+        self.client_moves = 0
+        self._client_seen = 0
+        self._cancelled = False
         self.connection: Connection | None = None
         self.waiting = False  # for InvoisX: its answer, or room for more of the upload
         self.sent_at: float | None = None
         self.body_read = body_read
         self.client_left = False
+        self.client_stalled = False
 
     def use(self, connection: Connection | None) -> None:
         """The connection the call's current attempt uses (None between attempts)."""
@@ -391,7 +503,7 @@ class _Call:
         self._seen = -1  # a new connection's silence is counted from now
         self._client_since = None
 
-    def check(self, now: float, timeout: float, pool: Pool) -> None:
+    def check(self, now: float, timeout: float, client_timeout: float) -> None:
         """One tick of the watch."""
         connection = self.connection
         if connection is not None:
@@ -402,10 +514,11 @@ class _Call:
                 connection.time_out()
             if self.waiting:
                 self._client_since = None
-            elif self._client_since is None:
-                self._client_since = now
-            elif now - self._client_since >= _STEP_ASIDE_AFTER:
-                pool.step_aside(connection)
+            elif self._client_since is None or self.client_moves != self._client_seen:
+                self._client_since, self._client_seen = now, self.client_moves
+            elif now - self._client_since >= client_timeout and not self.client_stalled:
+                self.client_stalled = True
+                self._cancel()
             # A silent InvoisX is caught above; this one would trickle its headers forever.
             sent_at = self.sent_at
             overdue = sent_at is not None and now - sent_at >= _HEADERS_WITHIN * timeout
@@ -426,7 +539,13 @@ class _Call:
         while (await self._receive())["type"] != "http.disconnect":
             pass
         self.client_left = True
-        self._owner.cancel()
+        self._cancel()
+
+    def _cancel(self) -> None:
+        # Once: `Forwarder.__call__` uncancels its task once for the watch's own cancel.
+        if not self._cancelled:
+            self._cancelled = True
+            self._owner.cancel()
 
 
 class Forwarder:
@@ -445,14 +564,18 @@ class Forwarder:
         max_connections: int = 64,
         limiter: RateLimiter | None = None,
         retry_max: int = 0,
+        client_timeout: float = 10.0,
         log: FilteringBoundLogger,
+        metrics: Metrics,
     ) -> None:
         self._origin = Origin.from_url(base_url)
         self._log = log
+        self._metrics = metrics
         self._max_body = max_body
         self._max_header_bytes = max_header_bytes
         self._limiter = limiter
         self._retry_max = retry_max
+        self._client_timeout = client_timeout
         self._timeout = timeout
         # Fine enough for the shortest timeouts the tests use, coarse enough to cost nothing.
         self._tick = min(0.1, timeout / 4)
@@ -489,19 +612,24 @@ class Forwarder:
         *,
         client_per_minute: int | None = None,
         preread: bytes | None = None,
+        inspect: Inspect | None = None,
         capture: Capture | None = None,
+        admitted: bool = False,
     ) -> None:
         """Forward one request to `path` below the base URL with the `authorization` header.
 
         `preread` is the request body when the caller already read it (`read_body`, after
-        `check_request_size`); `capture` keeps a copy of the response. Raises `ProxyError` when
-        it fails before the response started.
+        `check_request_size`); else `inspect` sees the body as it streams. `capture` keeps a
+        copy of the response. `admitted`: the caller has called `admit` for the first attempt.
+        Raises `ProxyError` when it fails before the response started.
         """
         loop = self._loop
         assert loop is not None, "use the Forwarder as an async context manager"
         if preread is None:  # a caller that read the body has checked the sizes already
             self.check_request_size(scope["headers"])
-        request = self._request(scope, receive, path, authorization, exchange.request_id, preread)
+        request = self._request(
+            scope, receive, path, authorization, exchange.request_id, preread, inspect
+        )
         owner = asyncio.current_task(loop)
         assert owner is not None
         # A call whose answer is kept (idempotency) runs to the end even if its client leaves:
@@ -515,14 +643,22 @@ class Forwarder:
         )
         self._calls.add(call)
         try:
-            await self._exchange(request, call, send, exchange, capture, client_per_minute)
+            scrub = Scrub(authorization)
+            await self._exchange(
+                request, call, send, exchange, capture, client_per_minute, scrub, admitted
+            )
         except (asyncio.CancelledError, ClientDisconnected) as gone:
-            if not call.client_left:
+            if not (call.client_left or call.client_stalled):
                 raise
             if isinstance(gone, asyncio.CancelledError):
                 # Our own watch cancelled us; nobody else asked this task to stop.
                 owner.uncancel()
-            exchange.client_gone()
+            if call.client_left:
+                exchange.client_gone()
+            elif exchange.status:
+                exchange.client_stalled()  # the answer started: closing is all that is left
+            else:
+                raise _client_timeout(self._client_timeout) from None
         finally:
             self._calls.discard(call)
             call.stop_listening()
@@ -571,6 +707,7 @@ class Forwarder:
         authorization: bytes,
         request_id: str,
         preread: bytes | None,
+        inspect: Inspect | None,
     ) -> _Request:
         method: str = scope["method"]
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -585,11 +722,11 @@ class Forwarder:
             body = preread or None
             framing = [(b"content-length", b"%d" % len(preread))]
         elif _is_chunked(headers):
-            body = _Upload(receive, chunked=True)
+            body = _Upload(receive, declared=None, inspect=inspect)
             framing = [(b"transfer-encoding", b"chunked")]
         else:
             length = _content_length(headers) or 0
-            body = _Upload(receive, chunked=False) if length else None
+            body = _Upload(receive, declared=length, inspect=inspect) if length else None
             framing = [(b"content-length", b"%d" % length)]
         if body is None and method in _NO_BODY_METHODS:
             framing = []
@@ -605,7 +742,7 @@ class Forwarder:
             now = self._loop.time()
             for call in list(self._calls):
                 try:
-                    call.check(now, self._timeout, self._pool)
+                    call.check(now, self._timeout, self._client_timeout)
                 except Exception:
                     # A bug, but the watch must go on: it is every call's timeout.
                     self._log.exception("internal_error", stage="forward watch")
@@ -619,14 +756,16 @@ class Forwarder:
         exchange: Exchange,
         capture: Capture | None,
         client_per_minute: int | None,
+        scrub: Scrub,
+        admitted: bool,
     ) -> None:
         started = time.perf_counter()
         connection = await self._send_with_retries(
-            request, call, exchange, client_per_minute, started + self._timeout
+            request, call, exchange, client_per_minute, started + self._timeout, admitted
         )
         exchange.upstream_ms = (time.perf_counter() - started) * 1000 - exchange.waited_ms
         try:
-            await self._relay(connection, send, exchange, call, capture)
+            await self._relay(connection, send, exchange, call, capture, scrub)
         finally:
             self._let_go(call, connection)
 
@@ -637,21 +776,32 @@ class Forwarder:
         exchange: Exchange,
         client_per_minute: int | None,
         deadline: float,
+        admitted: bool,
     ) -> Connection:
         """Send, retrying only what cannot have taken effect twice (see `_Request`)."""
         retries_left = self._retry_max if request.retryable else 0
+        fresh = False
         while True:
-            if self._limiter is not None:
-                waited = await self._limiter.acquire(exchange.client, client_per_minute)
-                exchange.waited_ms += waited * 1000
+            if not admitted:
+                await self.admit(exchange, client_per_minute)
+            admitted = False
             try:
-                connection = await self._attempt(request, call, exchange)
+                connection = await self._attempt(request, call, exchange, fresh=fresh)
             except Unreachable as error:
                 delay = _backoff(exchange.retries)
                 if not retries_left or time.perf_counter() + delay >= deadline:
                     raise _unavailable() from error
             except Stalled as error:
                 raise _timed_out() from error
+            except Dropped as error:
+                # A keep-alive race rather than a failure of InvoisX: a safe request goes again
+                # at once, whatever INVOISX_RETRY_MAX says (once: a new connection is never
+                # `Dropped`). An unsafe one does not: InvoisX may have read it before closing.
+                if not request.retryable:
+                    raise _unavailable() from error
+                fresh = True
+                exchange.retries += 1
+                continue
             except Broken as error:
                 raise _unavailable() from error
             else:
@@ -667,6 +817,17 @@ class Forwarder:
             exchange.retries += 1
             await asyncio.sleep(delay)
 
+    async def admit(self, exchange: Exchange, client_per_minute: int | None) -> None:
+        """Wait until the rate limit lets one more call go to InvoisX (429 when it will not)."""
+        if self._limiter is not None:
+            waited = await self._limiter.acquire(exchange.client, client_per_minute)
+            exchange.waited_ms += waited * 1000
+
+    def refund(self, client: str) -> None:
+        """Give back what `admit` took, for a call that did not go to InvoisX after all."""
+        if self._limiter is not None:
+            self._limiter.refund(client)
+
     def _let_go(self, call: _Call, connection: Connection) -> None:
         """Stop watching `connection` for `call`, then give it back to the pool."""
         call.use(None)
@@ -679,10 +840,12 @@ class Forwarder:
             self._limiter.learn(connection.status, headers)
         return _retry_delay(connection.status, headers, retries)
 
-    async def _attempt(self, request: _Request, call: _Call, exchange: Exchange) -> Connection:
-        """Send the request on a connection and wait for the answer's headers."""
+    async def _attempt(
+        self, request: _Request, call: _Call, exchange: Exchange, *, fresh: bool
+    ) -> Connection:
+        """Send the request on a connection (a new one if `fresh`), wait for the answer's head."""
         assert self._loop is not None
-        connection = await self._pool.acquire(head_only=request.method == "HEAD")
+        connection = await self._pool.acquire(head_only=request.method == "HEAD", fresh=fresh)
         exchange.waited_ms += connection.waited * 1000
         call.use(connection)
         try:
@@ -711,11 +874,17 @@ class Forwarder:
                 call.client_left = True
                 raise ClientDisconnected()
             chunk: bytes = message.get("body", b"")
+            call.client_moves += 1
             exchange.bytes_in += len(chunk)
             if exchange.bytes_in > self._max_body:
                 raise _too_large(self._max_body)
             last = not message.get("more_body", False)
-            connection.send(_chunk(chunk, last) if upload.chunked else chunk, last=last)
+            # Checked before the chunk goes on: a refused body never reaches InvoisX whole.
+            _check_length(exchange.bytes_in, upload.declared, last)
+            if upload.inspect is not None:
+                upload.inspect(chunk)
+            chunked = upload.declared is None
+            connection.send(_chunk(chunk, last) if chunked else chunk, last=last)
             if last:
                 call.body_read = True
                 return
@@ -726,6 +895,11 @@ class Forwarder:
             if connection.head_in:
                 return  # InvoisX answered before taking the whole upload
 
+    def _scrubbed(self, exchange: Exchange, where: str, count: int, **detail: object) -> None:
+        """Log and count the token kept out of an answer (never the token itself)."""
+        self._log.warning("token_scrubbed", request_id=exchange.request_id, where=where, **detail)
+        self._metrics.token_scrubbed(where, count)
+
     async def _relay(
         self,
         connection: Connection,
@@ -733,34 +907,42 @@ class Forwarder:
         exchange: Exchange,
         call: _Call,
         capture: Capture | None,
+        scrub: Scrub,
     ) -> None:
         status = connection.status
         exchange.status = status
         notable = dict(connection.headers)
         exchange.ratelimit_remaining = notable.get(b"x-ratelimit-remaining")
-        headers = response_headers(connection.headers, exchange.request_id)
+        headers, dropped = scrub.headers(response_headers(connection.headers, exchange.request_id))
+        for name in dropped:
+            self._scrubbed(exchange, "header", 1, header=name)
+        if status in (204, 304):
+            # They have no body, but uvicorn would wait for the one a Content-Length announces.
+            headers = [header for header in headers if header[0] != b"content-length"]
+        answer = _Answer(exchange, scrub, capture, peek=status >= 400)
         if capture is not None:
             capture.start(status, headers)
+            # An answer to keep is read from InvoisX before the client sees any of it: a
+            # client that then stalls holds no socket to InvoisX, and the answer is kept.
+            while not answer.last and not capture.truncated:
+                try:
+                    await self._more(connection, call, answer)
+                except (Broken, Stalled) as error:
+                    # Nothing has gone to the client yet, so it gets the envelope.
+                    raise _timed_out() if isinstance(error, Stalled) else _unavailable() from error
+            capture.complete = answer.last
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        peek = bytearray() if status >= 400 else None
         while True:
-            chunk = connection.take()
-            last = connection.complete  # and every byte of it taken
-            if chunk or last:
-                exchange.bytes_out += len(chunk)
-                if capture is not None:
-                    capture.add(chunk)
-                if peek is not None and len(peek) < _ERROR_PEEK_BYTES:
-                    peek += chunk
+            for chunk, last in answer.take_ready():
                 if last:
                     # Once the last chunk is out the server reports a disconnect; not ours.
                     call.stop_listening()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-            if last:
+                call.client_moves += 1
+            if answer.last:
                 break
-            call.waiting = True
             try:
-                await connection.more()
+                await self._more(connection, call, answer)
             except (Broken, Stalled) as error:
                 # The status line is already out: closing the connection without the final
                 # chunk is the only honest way left to tell the client the body is incomplete.
@@ -769,10 +951,17 @@ class Forwarder:
                     "UPSTREAM_TIMEOUT" if isinstance(error, Stalled) else "UPSTREAM_UNAVAILABLE"
                 )
                 return
-            finally:
-                call.waiting = False
-        if capture is not None:
-            capture.complete = True
-        if peek is not None and b"content-encoding" not in notable:
+        if answer.peek is not None and b"content-encoding" not in notable:
             content_type = notable.get(b"content-type", b"")
-            exchange.error_code = _error_code(status, content_type, bytes(peek))
+            exchange.error_code = _error_code(status, content_type, bytes(answer.peek))
+
+    async def _more(self, connection: Connection, call: _Call, answer: _Answer) -> None:
+        """Hand the answer's next body bytes (or its end) from InvoisX to `answer`."""
+        call.waiting = True
+        try:
+            await connection.more()
+        finally:
+            call.waiting = False
+        masked = answer.add(connection.take(), connection.complete)
+        if masked:
+            self._scrubbed(answer.exchange, "body", masked, occurrences=masked)

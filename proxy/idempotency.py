@@ -18,7 +18,8 @@ import hashlib
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +31,7 @@ from proxy.forward import Capture, Exchange
 
 __all__ = [
     "MAX_KEPT_RESPONSE",
+    "BodyBudget",
     "IdempotencyStore",
     "MemoryStore",
     "StoredResponse",
@@ -66,6 +68,47 @@ class IdempotencyStore(Protocol):
 
     def finish(self, key: str, response: StoredResponse | None) -> None:
         """Keep `response` for the key, or release the key when None."""
+
+
+class BodyBudget:
+    """The request bytes that calls with an Idempotency-Key hold in memory at once, bounded
+    (INVOISX_PROXY_MAX_BUFFERED_BYTES): such a call reads its whole body before it goes out."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.held = 0
+
+    @contextmanager
+    def holding(self) -> Iterator[Callable[[int], None]]:
+        """A `hold(size)` that takes `size` bytes from the budget as they are read (503 when
+        they would exceed it, 413 when one body alone would); all is given back on leaving."""
+        taken = 0
+
+        def hold(size: int) -> None:
+            nonlocal taken
+            if taken + size > self._limit:
+                # Would not fit even alone: waiting would not help, unlike the 503 below.
+                raise ProxyError(
+                    413,
+                    "PAYLOAD_TOO_LARGE",
+                    f"A request body with an Idempotency-Key may be at most {self._limit} bytes "
+                    "(INVOISX_PROXY_MAX_BUFFERED_BYTES).",
+                )
+            if self.held + size > self._limit:
+                raise ProxyError(
+                    503,
+                    "PROXY_BUSY",
+                    "Too many request bodies with an Idempotency-Key are held at once "
+                    "(INVOISX_PROXY_MAX_BUFFERED_BYTES). Try again shortly.",
+                    headers={"retry-after": "1"},
+                )
+            self.held += size
+            taken += size
+
+        try:
+            yield hold
+        finally:
+            self.held -= taken
 
 
 def idempotency_key(scope: Scope) -> bytes | None:

@@ -58,6 +58,9 @@ class ClientSpec(BaseModel):
     @field_validator("permissions", mode="before")
     @classmethod
     def _known_permissions(cls, value: Any) -> Any:
+        # A string would be read letter by letter.
+        if not isinstance(value, list | tuple | set | frozenset):
+            raise ValueError('must be a list of names, such as ["read", "create"]')
         permissions = parse_permissions(value)
         if not permissions:
             raise ValueError("name at least one of create, read, update, delete")

@@ -143,8 +143,17 @@ class Metrics:
             "InvoisX refused the token itself (401/403 with a token-level error code).",
             registry=self.registry,
         )
+        self._scrubbed = Counter(
+            "invoisx_proxy_token_scrubbed",
+            "Times the token was kept out of an answer, by where (header dropped, body masked).",
+            ["where"],
+            registry=self.registry,
+        )
+        # Shown at 0 from the start, so alerts can use rate().
         for result in ("success", "unchanged", "error"):
-            self._reloads.labels(result)  # shown at 0 from the start, so alerts can use rate()
+            self._reloads.labels(result)
+        for where in ("header", "body"):
+            self._scrubbed.labels(where)
 
     def request(
         self,
@@ -178,6 +187,10 @@ class Metrics:
     def upstream_auth_failure(self) -> None:
         """Count a token-level refusal from InvoisX."""
         self._auth_failures.inc()
+
+    def token_scrubbed(self, where: str, count: int) -> None:
+        """Count secrets kept out of an answer: `header` (dropped) or `body` (masked)."""
+        self._scrubbed.labels(where).inc(count)
 
     def token_reload(self, result: str) -> None:
         """Count a token file reload: `success`, `unchanged` or `error`."""

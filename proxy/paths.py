@@ -12,31 +12,35 @@ from urllib.parse import unquote_to_bytes
 
 from proxy.errors import ProxyError
 
-__all__ = ["API_PREFIX", "KNOWN_NAMES", "Target", "parse_target", "route_template"]
+__all__ = [
+    "API_PREFIX",
+    "DOCUMENT_ACTIONS",
+    "DOCUMENT_TYPES",
+    "KNOWN_NAMES",
+    "Target",
+    "parse_target",
+    "route_template",
+]
 
 API_PREFIX = b"/api/v1/"
 
 # Letters, digits, '-', '_' and '~' need no decoding and can form no dot segment.
 _PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9_~-]+")
+# The e-invoice document types, and the POST actions on one (`/invoices/{id}/submit`).
+DOCUMENT_TYPES = (
+    "invoices",
+    "credit-notes",
+    "debit-notes",
+    "refund-notes",
+    "self-billed-invoices",
+    "self-billed-credit-notes",
+    "self-billed-debit-notes",
+    "self-billed-refund-notes",
+)
+DOCUMENT_ACTIONS = ("validate", "submit", "cancel")
 # Path segments that name a resource or an action (documented, or implied by InvoisX's guides);
 # everything else in a route template becomes a placeholder, so templates stay a bounded set.
-KNOWN_NAMES = frozenset(
-    {
-        "buyers",
-        "invoices",
-        "credit-notes",
-        "debit-notes",
-        "refund-notes",
-        "self-billed-invoices",
-        "self-billed-credit-notes",
-        "self-billed-debit-notes",
-        "self-billed-refund-notes",
-        "validate",
-        "submit",
-        "cancel",
-        "status",
-    }
-)
+KNOWN_NAMES = frozenset({"buyers", *DOCUMENT_TYPES, *DOCUMENT_ACTIONS, "status"})
 # Deeper paths are cut here: a client cannot mint new templates by adding segments.
 _TEMPLATE_DEPTH = 4
 # Percent-decoding twice catches double encodings such as %252e%252e (a '..' after two

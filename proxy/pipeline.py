@@ -11,6 +11,7 @@ import functools
 import random
 import re
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl
 
@@ -20,18 +21,20 @@ from structlog.typing import FilteringBoundLogger
 from proxy.configfile import ActiveConfig, ConfigHolder
 from proxy.credentials import TokenHolder, UpstreamToken
 from proxy.errors import INTERNAL_ERROR, SHUTTING_DOWN, ProxyError, send_error
-from proxy.forward import ClientDisconnected, Exchange, Forwarder, read_body
+from proxy.forward import Capture, ClientDisconnected, Exchange, Forwarder, read_body
 from proxy.health import TokenHealth
 from proxy.idempotency import (
+    BodyBudget,
     IdempotencyStore,
     forward_once,
     idempotency_key,
     request_fingerprint,
 )
 from proxy.identity import check_caller, peer_address
+from proxy.listener import WireRefusal
 from proxy.metrics import Metrics
 from proxy.paths import parse_target, route_template
-from proxy.policy import METHOD_PERMISSIONS, check_no_method_override
+from proxy.policy import METHOD_PERMISSIONS, JsonKeyScan, check_no_method_override
 
 __all__ = ["ProxyEndpoint"]
 
@@ -52,6 +55,10 @@ def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
             return value.decode()
+    return _new_request_id()
+
+
+def _new_request_id() -> str:
     # Ids are for tracing, not secrets: no system call for randomness on every request.
     return f"{random.getrandbits(128):032x}"
 
@@ -84,12 +91,16 @@ class ProxyEndpoint:
         metrics: Metrics,
         audit: FilteringBoundLogger,
         idempotency: IdempotencyStore,
+        bodies: BodyBudget,
         max_body: int,
+        client_timeout: float,
         loopback_listener: bool,
     ) -> None:
         self._loopback_listener = loopback_listener
         self._idempotency = idempotency
+        self._bodies = bodies
         self._max_body = max_body
+        self._client_timeout = client_timeout
         self._configs = configs
         self._tokens = tokens
         self._forwarder = forwarder
@@ -147,7 +158,7 @@ class ProxyEndpoint:
         method: str = scope["method"]
         if method not in METHOD_PERMISSIONS:
             raise _method_not_allowed(method)
-        check_no_method_override(scope)
+        scan = check_no_method_override(scope)
         exchange.required = config.policy.required_permission(method, target.segments)
         config.policy.check(
             exchange.required, token.expires_at, datetime.now(UTC), client.permissions
@@ -164,21 +175,79 @@ class ProxyEndpoint:
         )
         key = idempotency_key(scope)
         if key is None:
-            await forward()
+            await forward(inspect=None if scan is None else scan.feed)
         else:
-            # The body decides whether a repeat is the same request, so it is read first.
-            self._forwarder.check_request_size(scope["headers"])
-            body = await read_body(receive, self._max_body, exchange)
-            await forward_once(
-                self._idempotency,
-                f"{client.name}:{key.decode()}",
-                request_fingerprint(scope, body),
-                lambda capture: forward(preread=body, capture=capture),
+            await self._forward_once(
+                scope,
+                receive,
                 send,
                 exchange,
+                f"{client.name}:{key.decode()}",
+                scan,
+                forward,
+                client.requests_per_minute,
             )
         self._health.upstream_answered(token, exchange.status, exchange.error_code)
         self._metrics.ratelimit_remaining(exchange.ratelimit_remaining)
+
+    async def _forward_once(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        key: str,
+        scan: JsonKeyScan | None,
+        forward: Callable[..., Awaitable[None]],
+        client_per_minute: int | None,
+    ) -> None:
+        """An Idempotency-Key call: the body decides whether a repeat is the same request, so
+        it is read whole first, within the budget for held bodies, and only once the rate
+        limit lets the call go, so that a call that waits holds no body."""
+        self._forwarder.check_request_size(scope["headers"])
+        await self._forwarder.admit(exchange, client_per_minute)
+        sent = False
+
+        def send_once(capture: Capture) -> Awaitable[None]:
+            nonlocal sent
+            sent = True
+            return forward(preread=body, capture=capture, admitted=True)
+
+        try:
+            with self._bodies.holding() as hold:
+                body = await read_body(
+                    scope,
+                    receive,
+                    exchange,
+                    limit=self._max_body,
+                    client_timeout=self._client_timeout,
+                    hold=hold,
+                )
+                if scan is not None:
+                    scan.feed(body)
+                fingerprint = request_fingerprint(scope, body)
+                await forward_once(self._idempotency, key, fingerprint, send_once, send, exchange)
+        finally:
+            if not sent:
+                self._forwarder.refund(exchange.client)
+
+    def refused_on_wire(self, refusal: WireRefusal) -> str:
+        """Audit and count a request that the HTTP parser refused before it became a call;
+        returns its request id."""
+        started = time.perf_counter()
+        config = self._configs.current
+        exchange = Exchange(_new_request_id(), client=config.clients.before_identified)
+        exchange.status = refusal.error.status
+        exchange.decision = refusal.error.decision
+        exchange.error_code = refusal.error.error_code
+        scope: Scope = {
+            "method": refusal.method,
+            "raw_path": b"",
+            "query_string": b"",
+            "client": refusal.peer,
+        }
+        self._finish(scope, self._tokens.current, exchange, started)
+        return exchange.request_id
 
     async def _refuse(self, send: Send, error: ProxyError, exchange: Exchange) -> None:
         exchange.status = error.status

@@ -107,6 +107,10 @@ class RateLimiter:
             raise
         return time.monotonic() - now
 
+    def refund(self, client: str) -> None:
+        """Give back capacity acquired for a call that never went to InvoisX."""
+        self._give_back(self._clients.get(client))
+
     def learn(self, status: int, headers: Mapping[bytes, bytes]) -> None:
         """Correct the bucket from InvoisX's answer (`headers` by lowercase name): its
         remaining count, reset and 429s."""

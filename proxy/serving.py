@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from proxy.app import ProxyFirst
 from proxy.audit import uvicorn_log_config
 from proxy.settings import Settings
 
@@ -42,6 +43,8 @@ def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.C
         "loop": "asyncio",
         # On SIGTERM: stop accepting, let calls in flight finish for up to this long.
         "timeout_graceful_shutdown": settings.shutdown_grace,
+        # The proxy's own reading of requests (`proxy.listener`); other apps get uvicorn's.
+        "http": app.protocol if isinstance(app, ProxyFirst) else "httptools",
     }
     return uvicorn.Config(app, **(defaults | options))
 

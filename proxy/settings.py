@@ -85,10 +85,14 @@ class Settings(BaseSettings):
     config: Path | None = Field(None, validation_alias="INVOISX_PROXY_CONFIG")
     log_file: Path | None = Field(None, validation_alias="INVOISX_PROXY_LOG_FILE")
     upstream_timeout: float = Field(30.0, validation_alias="INVOISX_PROXY_UPSTREAM_TIMEOUT", gt=0)
+    client_timeout: float = Field(10.0, validation_alias="INVOISX_PROXY_CLIENT_TIMEOUT", gt=0)
     max_upstream_connections: int = Field(
         64, validation_alias="INVOISX_PROXY_MAX_UPSTREAM_CONNECTIONS", ge=1, le=10_000
     )
     max_body_bytes: int = Field(10_485_760, validation_alias="INVOISX_PROXY_MAX_BODY_BYTES", ge=0)
+    max_buffered_bytes: int = Field(
+        67_108_864, validation_alias="INVOISX_PROXY_MAX_BUFFERED_BYTES", ge=0
+    )
     max_header_bytes: int = Field(
         32_768, validation_alias="INVOISX_PROXY_MAX_HEADER_BYTES", ge=1024
     )

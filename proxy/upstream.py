@@ -15,6 +15,8 @@ await `Connection.response_head`, then `Connection.take` body bytes until `compl
 A connection kept alive is reused only after an exchange that ended cleanly. Bytes that come
 with an answer but beyond it are caught; bytes an upstream sends later, after the answer
 looked complete, cannot be told apart from its next answer: a limit of HTTP/1.1 keep-alive.
+A reused connection that closes before any byte of its answer fails with `Dropped`: InvoisX
+may have closed it while it sat idle, so the caller may send a safe request again.
 """
 
 from __future__ import annotations
@@ -28,13 +30,23 @@ from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["Broken", "Connection", "Origin", "Pool", "Stalled", "Unreachable", "UpstreamError"]
+__all__ = [
+    "Broken",
+    "Connection",
+    "Dropped",
+    "Origin",
+    "Pool",
+    "Stalled",
+    "Unreachable",
+    "UpstreamError",
+]
 
 # Response bytes held for a client that reads slower than InvoisX sends, before reading pauses.
 _HIGH_WATER = 262_144
 # The parser sets no limit on response headers; InvoisX's are a few hundred bytes. Counted
 # header by header, and as bytes received while the head is incomplete: the parser grows an
-# unfinished header value without bound.
+# unfinished header value without bound, at quadratic cost. The same bounds the bytes in a
+# row after the head that carry no body (chunk framing, trailers), which grow alike.
 _MAX_HEADER_BYTES = 65_536
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -49,6 +61,11 @@ class Unreachable(UpstreamError):
 
 class Broken(UpstreamError):
     """The connection failed after the request went out: closed, reset, or not HTTP."""
+
+
+class Dropped(Broken):
+    """A reused connection closed before any byte of the answer: InvoisX may have closed it
+    while idle, before or after reading the request (a keep-alive race)."""
 
 
 class Stalled(UpstreamError):
@@ -85,8 +102,10 @@ class Connection(asyncio.Protocol):
         "_buffered",
         "_busy",
         "_chunks",
+        "_coding",
         "_eof",
         "_error",
+        "_framing_bytes",
         "_head_bytes",
         "_head_only",
         "_header_bytes",
@@ -95,6 +114,7 @@ class Connection(asyncio.Protocol):
         "_loop",
         "_parser",
         "_read_paused",
+        "_reused",
         "_sent",
         "_tainted",
         "_tls",
@@ -127,10 +147,11 @@ class Connection(asyncio.Protocol):
         # exchange expects, so later parser callbacks are ignored and it is never reused.
         self._tainted = False
         self._interim = False
+        self._reused = False
         # Bytes received and upload room regained: what a caller watches to tell a stall.
         self.progress = 0
         self.idle_since = 0.0
-        # Whether this exchange counts against the pool's limit (see `Pool.step_aside`), and
+        # Whether this exchange still holds one of the pool's turns (until `Pool.release`), and
         # the seconds it waited for its turn.
         self.holds_turn = False
         self.waited = 0.0
@@ -178,7 +199,7 @@ class Connection(asyncio.Protocol):
         if not chunks:
             return b""
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._chunks = []
+        chunks.clear()
         self._buffered = 0
         if self._read_paused and self._transport is not None:
             self._read_paused = False
@@ -211,6 +232,7 @@ class Connection(asyncio.Protocol):
     def park(self) -> None:
         """End the exchange and note when the connection went idle."""
         self._busy = False
+        self._reused = True
         self.idle_since = self._loop.time()
 
     def close(self) -> None:
@@ -235,6 +257,8 @@ class Connection(asyncio.Protocol):
         self._buffered = 0
         self._head_bytes = 0
         self._header_bytes = 0
+        self._framing_bytes = 0
+        self._coding: bytes | None = None  # Transfer-Encoding, its fields joined
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []  # names lowercased
         self.head_in = False
@@ -276,6 +300,7 @@ class Connection(asyncio.Protocol):
         in_head = not self.head_in
         if in_head:
             self._head_bytes += len(data)
+        buffered = self._buffered
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -285,8 +310,16 @@ class Connection(asyncio.Protocol):
                 self._tainted = True
             else:
                 self._fail(Broken(f"InvoisX's answer is not valid HTTP/1.1 ({error})"))
-        if in_head and not self.head_in and self._head_bytes > _MAX_HEADER_BYTES:
-            self._fail(Broken("InvoisX's response headers are too large"))
+        if in_head:
+            if not self.head_in and self._head_bytes > _MAX_HEADER_BYTES:
+                self._fail(Broken("InvoisX's response headers are too large"))
+        elif self._buffered == buffered:
+            # Every byte counts as progress, so no timeout ends a trailer that never does.
+            self._framing_bytes += len(data)
+            if self._framing_bytes > _MAX_HEADER_BYTES:
+                self._fail(Broken("InvoisX's chunk framing or trailers are too large"))
+        else:
+            self._framing_bytes = 0
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -296,6 +329,8 @@ class Connection(asyncio.Protocol):
         if self._busy and not self.complete and self._error is None:
             if self.head_in and self._ends_at_close(exc):
                 self.complete = True
+            elif self._reused and not self._head_bytes:
+                self._error = Dropped("InvoisX closed the kept-alive connection before answering")
             else:
                 self._error = Broken("InvoisX closed the connection before its answer ended")
         self._busy = False
@@ -323,16 +358,33 @@ class Connection(asyncio.Protocol):
         if self._header_bytes > _MAX_HEADER_BYTES:
             self._fail(Broken("InvoisX's response headers are too large"))
             return
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"transfer-encoding":
+            # Several fields make one list of codings (RFC 9110, 5.3).
+            self._coding = value if self._coding is None else self._coding + b", " + value
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self._tainted:
             return
         status = self._parser.get_status_code()
-        if status < 200:
+        if 100 <= status < 200:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self._interim = True
             self.headers = []
+            self._coding = None
+            return
+        if not 200 <= status < 600:
+            # The parser takes any three digits; uvicorn has no status line for these.
+            self._fail(Broken(f"InvoisX answered with status {status}, which HTTP does not have"))
+            return
+        coding = self._coding
+        if coding is not None and coding.strip(b" \t").lower() != b"chunked":
+            # InvoisX frames with Content-Length or chunked. Another coding can be neither
+            # undone here nor passed on, the client's hop being framed by its own server.
+            self._fail(
+                Broken(f"InvoisX's answer has a transfer coding other than chunked: {coding!r}")
+            )
             return
         self.status = status
         self.head_in = True
@@ -375,16 +427,17 @@ class Connection(asyncio.Protocol):
 
 
 class Pool:
-    """Keep-alive connections to one origin: at most `limit` exchanges at a time hold a turn,
+    """Keep-alive connections to one origin: at most `limit` sockets, busy and idle together;
     idle connections are reused newest first.
 
-    A call that finds every turn taken waits: a freed turn goes to the longest waiting call,
-    never to a newcomer, so no call is overtaken again and again. An exchange held up by its
-    own client (a slow upload, an answer read slowly) can `step_aside`: it keeps its
-    connection but frees its turn, so slow clients cannot starve the others. Bounding the
-    exchanges in flight also keeps the proxy's per-call cost flatter under hundreds of
-    concurrent clients (README, Performance). The owner calls `expire` now and then: it closes
-    connections idle too long and gives up for calls that waited too long.
+    Each exchange holds a turn, one of the `limit`. A call that finds every turn taken waits: a
+    freed turn goes to the longest waiting call, never to a newcomer, so no call is overtaken
+    again and again. A turn is given back only when the exchange ends; the forward stage ends
+    those held up by their own client (a slow upload, an answer read slowly) after the client
+    timeout, so slow clients hold sockets for a bounded time. Bounding the exchanges in flight
+    also keeps the proxy's per-call cost flatter under hundreds of concurrent clients (README,
+    Performance). The owner calls `expire` now and then: it closes connections idle too long
+    and gives up for calls that waited too long.
     """
 
     def __init__(
@@ -406,16 +459,21 @@ class Pool:
         """Start handing out connections on `loop`."""
         self._loop = loop
 
-    async def acquire(self, *, head_only: bool) -> Connection:
-        """A connection for one exchange, with a turn: idle or new, once a turn is free within
-        the connect timeout. Raises `Unreachable` when none is free in time or none opens."""
+    async def acquire(self, *, head_only: bool, fresh: bool = False) -> Connection:
+        """A connection for one exchange, with a turn: idle or new (always new if `fresh`), once
+        a turn is free within the connect timeout. Raises `Unreachable` when none is free in
+        time or none opens."""
         waited = 0.0
         if self._in_use < self._limit and not self._waiters:
             self._in_use += 1
         else:
             waited = await self._wait_turn()
         try:
-            connection = self._idle_connection() or await self._connect()
+            connection = None if fresh else self._idle_connection()
+            if connection is None:
+                if self._idle and self._in_use + len(self._idle) > self._limit:
+                    self._idle.popleft().close()  # room for the new socket
+                connection = await self._connect()
         except BaseException:
             self._hand_on()
             raise
@@ -427,7 +485,6 @@ class Pool:
     def release(self, connection: Connection) -> None:
         """End the exchange: keep `connection` for the next one when it ended cleanly, else
         close it. Every acquired connection must come back here, whatever happened."""
-        self.step_aside(connection)
         if connection.reusable and not self._closed:
             connection.park()
             self._idle.append(connection)
@@ -435,9 +492,8 @@ class Pool:
             connection.close()
         else:
             connection.abort()  # InvoisX must not take a half-sent request for a whole one
-
-    def step_aside(self, connection: Connection) -> None:
-        """Free the exchange's turn for the next call; the exchange keeps its connection."""
+        # After the close: asyncio closes the socket a callback later, before the next call
+        # this turn wakes can open one, so the sockets never exceed the limit.
         if connection.holds_turn:
             connection.holds_turn = False
             self._hand_on()

@@ -11,12 +11,20 @@ server can mix faults across concurrent requests on pooled connections. Kinds:
 - `longer`: more body than Content-Length says: a whole second response smuggled behind it;
 - `shorter`: less body than Content-Length says, then close;
 - `garbage`: bytes that are not HTTP, then close;
-- `stream`: a chunked body, a chunk every 20 ms, until the proxy closes.
+- `stream`: a chunked body, a chunk every 20 ms, until the proxy closes;
+- `endless-trailer`: a chunked body, then a trailer field that never ends (32 MB at most);
+- `status-777`: a status line with a status HTTP does not have;
+- `gzip-chunked`: `Transfer-Encoding: gzip, chunked`, the body gzip inside the chunks;
+- `gzip-until-close`: `Transfer-Encoding: gzip`, the body running until the connection closes;
+- `close-next`, `reset-next`: a small JSON answer after 0.1 s (so that calls at once take
+  connections of their own); the connection's next request is read, then the connection is
+  closed or reset before any answer, as when InvoisX's keep-alive timeout strikes just then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import struct
 import threading
@@ -71,6 +79,10 @@ class FaultServer:
     busy: int = 0  # connections serving a fault now, rather than idle between requests
     loop: asyncio.AbstractEventLoop | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    # Connections whose next request is read and then hung up on, and how.
+    _hang_ups: dict[asyncio.StreamWriter, Callable[[asyncio.StreamWriter], None]] = field(
+        default_factory=dict
+    )
 
     @property
     def open_connections(self) -> int:
@@ -98,6 +110,7 @@ class FaultServer:
             pass
         finally:
             self._writers.discard(writer)
+            self._hang_ups.pop(writer, None)
             writer.close()
 
     async def _one_request(
@@ -119,7 +132,13 @@ class FaultServer:
             self.incomplete_uploads += 1
             self.requests[f"{kind} (upload cut)"] += 1
             return False
+        if (hang_up := self._hang_ups.pop(writer, None)) is not None:
+            self.requests[f"{kind} (hung up)"] += 1
+            hang_up(writer)
+            return False
         self.requests[kind] += 1
+        if kind in _HANG_UP_NEXT:
+            self._hang_ups[writer] = _HANG_UP_NEXT[kind]
         self.busy += 1
         try:
             return await FAULTS.get(kind, _ok)(reader, writer)
@@ -237,6 +256,54 @@ async def _stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     return False
 
 
+async def _endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n2\r\n{}\r\n0\r\nX-Endless: "
+    )
+    for _ in range(3200):
+        writer.write(b"a" * 10_000)
+        await writer.drain()
+    return False
+
+
+async def _status_777(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 777 X\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    await writer.drain()
+    return True
+
+
+_GZIPPED = gzip.compress(OK_BODY)
+
+
+async def _gzip_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+        b"%x\r\n%b\r\n0\r\n\r\n" % (len(_GZIPPED), _GZIPPED)
+    )
+    await writer.drain()
+    return True
+
+
+async def _gzip_until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip\r\n\r\n"
+        + _GZIPPED
+    )
+    await writer.drain()
+    return False
+
+
+async def _ok_after_a_while(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    await asyncio.sleep(0.1)
+    return await _ok(reader, writer)
+
+
+_HANG_UP_NEXT: dict[str, Callable[[asyncio.StreamWriter], None]] = {
+    "close-next": asyncio.StreamWriter.close,
+    "reset-next": _reset,
+}
 FAULTS: dict[str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]] = {
     "ok": _ok,
     "reset": _reset_before_response,
@@ -247,6 +314,12 @@ FAULTS: dict[str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitab
     "shorter": _shorter,
     "garbage": _garbage,
     "stream": _stream,
+    "endless-trailer": _endless_trailer,
+    "status-777": _status_777,
+    "gzip-chunked": _gzip_chunked,
+    "gzip-until-close": _gzip_until_close,
+    "close-next": _ok_after_a_while,
+    "reset-next": _ok_after_a_while,
 }
 KINDS = tuple(FAULTS)
 

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import TOKEN, Recorder, free_port, subprocess_env
 
 COMMAND = [sys.executable, "-m", "proxy"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -61,6 +62,34 @@ def test_bad_settings_exit_2_with_one_line(
     assert result.stderr.startswith(f"invoisx-proxy: {line}")
     assert "Traceback" not in result.stderr
     assert TOKEN not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "line"),
+    [
+        (
+            {"INVOISX_API_TOKEN": TOKEN, "INVOISX_TOKEN_PERMISSIONS": f"read, {TOKEN}"},
+            ["serve"],
+            "INVOISX_TOKEN_PERMISSIONS: unknown permission (not shown: it may be a secret)",
+        ),
+        ({}, ["keys", "new", "app", "--permissions", TOKEN], "keys new: unknown permission (not"),
+    ],
+)
+def test_a_token_pasted_as_a_permission_is_never_echoed(
+    tmp_path: Path, env: dict[str, str], args: list[str], line: str
+) -> None:
+    result = subprocess.run(
+        [*COMMAND, *args],
+        env=subprocess_env(PYTHONPATH=str(ROOT), **env),  # this tree's code, not an installed copy
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert (result.stdout, result.stderr.count("\n")) == ("", 1)
+    assert result.stderr.startswith(f"invoisx-proxy: {line}")
+    assert TOKEN not in result.stdout + result.stderr
 
 
 def test_serve_forwards_and_logs_json_until_sigterm(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,10 +15,26 @@ import pytest
 from proxy.configfile import build_config, load_config_file
 from proxy.keys import config_block, key_sha256
 from proxy.settings import ConfigError, load_settings
-from tests.conftest import TOKEN, Recorder, RunningProxy, subprocess_env
+from tests.conftest import (
+    DOCUMENT_TYPES,
+    TOKEN,
+    ProxyProcess,
+    Recorder,
+    RunningProxy,
+    subprocess_env,
+)
 
 BILLING_KEY = "ipk_billing_0123456789abcdefghijklmnopqrstuv"
 REPORTS_KEY = "ipk_reports_0123456789abcdefghijklmnopqrstuv"
+ROOT = Path(__file__).resolve().parents[1]
+# Three polls at 0.05 s: a watch that applied a half-written file would have by now; the
+# proxy waits for a file to read the same for 0.5 s (`proxy.watch.SETTLE_SECONDS`).
+HALF_WRITTEN_FOR = 0.15
+BILLING_MAY_UPDATE = config_block("billing-job", BILLING_KEY, ["read", "create", "update"])
+# Listed last, as an operator appends a rule: a file cut short loads without it.
+CANCEL_NEEDS_DELETE = (
+    '[[rules]]\nmethod = "POST"\npath = "/invoices/*/cancel"\npermission = "delete"\n'
+)
 
 
 def _write_clients(path: Path, *blocks: str) -> Path:
@@ -147,6 +165,13 @@ def test_config_holds_only_hashes(tmp_path: Path) -> None:
             "share one key_sha256",
         ),
         (f'[clients.a]\nkey = "{BILLING_KEY}"\npermissions = ["read"]', "clients.a.key"),
+        (
+            f'[clients.a]\nkey_sha256 = "{"a" * 64}"\npermissions = ["read", "{BILLING_KEY}"]',
+            "unknown permission (not shown",
+        ),
+        (f'[clients.a]\nkey_sha256 = "{"a" * 64}"\npermissions = "read"', "must be a list"),
+        (f'[clients.a]\nkey_sha256 = "{"a" * 64}"\npermissions = 5', "must be a list"),
+        (f'[clients.a]\nkey_sha256 = "{"a" * 64}"\npermissions = [5]', "are names"),
     ],
 )
 def test_bad_client_tables_name_the_problem(tmp_path: Path, toml: str, problem: str) -> None:
@@ -228,3 +253,108 @@ def test_reload_cannot_open_a_proxy_listening_beyond_loopback(
     url = f"{proxy.url}/api/v1/buyers"
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, headers=_bearer(BILLING_KEY)).status_code == 200
+
+
+def test_a_token_pasted_into_a_reloaded_config_is_not_logged(
+    tmp_path: Path, recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    path = _write_clients(
+        tmp_path / "proxy.toml", config_block("billing-job", BILLING_KEY, ["read"])
+    )
+    proxy = start_proxy(recorder[1], config=path, reload_interval=0.05)
+    _write_clients(path, config_block("billing-job", BILLING_KEY, ["read", TOKEN]))
+    failed = proxy.wait_for_events("config_reload_failed", 1)
+    assert "clients.billing-job.permissions: unknown permission (not shown" in failed[0]["reason"]
+    assert TOKEN not in proxy.log_path.read_text()
+    url = f"{proxy.url}/api/v1/buyers"
+    assert httpx.get(url, headers=_bearer(BILLING_KEY)).status_code == 200
+
+
+def test_document_actions_need_update_for_every_document_type(
+    tmp_path: Path, recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    config = _write_clients(
+        tmp_path / "proxy.toml", config_block("issuer", BILLING_KEY, ["create"])
+    )
+    proxy = start_proxy(recorder[1], config=config)
+    for kind in DOCUMENT_TYPES:
+        for action in ("validate", "submit", "cancel"):
+            url = f"{proxy.url}/api/v1/{kind}/d1/{action}"
+            response = httpx.post(url, headers=_bearer(BILLING_KEY), json={})
+            assert response.status_code == 403, url
+            body = response.json()
+            assert (body["error_code"], body["required_permission"]) == ("FORBIDDEN", "update")
+            assert body["missing_from"] == ["client"]
+    assert recorder[0].requests == []
+    created = httpx.post(f"{proxy.url}/api/v1/credit-notes", headers=_bearer(BILLING_KEY), json={})
+    assert created.status_code == 200
+    assert [request.raw_path for request in recorder[0].requests] == [b"/api/v1/credit-notes"]
+
+
+def _rewrite_in_two_bursts(path: Path, between: Callable[[], None]) -> None:
+    """Rewrite `path` in place, adding a client; `between` runs when only the part before the
+    rule is written: valid TOML that would drop the rule."""
+    full = "\n".join(
+        [BILLING_MAY_UPDATE, config_block("reports", REPORTS_KEY, ["read"]), CANCEL_NEEDS_DELETE]
+    )
+    half = full[: full.index("[[rules]]")]
+    with path.open("w") as file:
+        file.write(half)
+        file.flush()
+        between()
+        file.write(full[len(half) :])
+
+
+def _cancel(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/api/v1/invoices/i1/cancel", headers=_bearer(BILLING_KEY))
+
+
+def _refused_as_the_old_config(url: str) -> None:
+    time.sleep(HALF_WRITTEN_FOR)
+    response = _cancel(url)
+    assert response.status_code == 403, "the half-written file, without its rule, is in force"
+    assert response.json()["required_permission"] == "delete"
+
+
+def test_a_config_rewritten_in_place_applies_only_once_complete(
+    tmp_path: Path, recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    path = _write_clients(tmp_path / "proxy.toml", BILLING_MAY_UPDATE, CANCEL_NEEDS_DELETE)
+    proxy = start_proxy(recorder[1], config=path, reload_interval=0.05)
+    assert _cancel(proxy.url).status_code == 403
+
+    _rewrite_in_two_bursts(path, lambda: _refused_as_the_old_config(proxy.url))
+    proxy.wait_for_events("config_reloaded", 1)
+    assert httpx.get(f"{proxy.url}/api/v1/buyers", headers=_bearer(REPORTS_KEY)).status_code == 200
+    assert _cancel(proxy.url).status_code == 403
+    time.sleep(1)  # twice the settling: time for a second reload
+    reloads = [(line["clients"], line["rules"]) for line in proxy.events("config_reloaded")]
+    assert reloads == [(2, 1)]
+    assert proxy.events("config_reload_failed") == []
+    assert [request.method for request in recorder[0].requests] == ["GET"]
+
+
+def test_sighup_does_not_apply_a_config_mid_write(
+    tmp_path: Path, recorder: tuple[Recorder, str], spawn_proxy: Callable[..., ProxyProcess]
+) -> None:
+    path = _write_clients(tmp_path / "proxy.toml", BILLING_MAY_UPDATE, CANCEL_NEEDS_DELETE)
+    proxy = spawn_proxy(
+        INVOISX_API_TOKEN=TOKEN,
+        INVOISX_API_URL=recorder[1],
+        INVOISX_TOKEN_PERMISSIONS="create,read,update,delete",
+        INVOISX_PROXY_CONFIG=str(path),
+        INVOISX_PROXY_RELOAD_INTERVAL="3600",  # only SIGHUP reads the file
+        PYTHONPATH=str(ROOT),  # this tree's code, not a copy installed in the venv
+    )
+
+    def signal_then_call() -> None:
+        proxy.process.send_signal(signal.SIGHUP)
+        _refused_as_the_old_config(proxy.url)
+
+    _rewrite_in_two_bursts(path, signal_then_call)
+    reloaded = proxy.wait_for("config_reloaded", timeout=3)
+    assert (reloaded["clients"], reloaded["rules"]) == (2, 1)
+    assert httpx.get(f"{proxy.url}/api/v1/buyers", headers=_bearer(REPORTS_KEY)).status_code == 200
+    assert _cancel(proxy.url).status_code == 403
+    assert [line["event"] for line in proxy.lines()].count("config_reloaded") == 1
+    assert proxy.stop() == 0

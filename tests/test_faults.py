@@ -19,6 +19,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -208,6 +209,54 @@ def test_garbage_instead_of_http_is_502(faulty_proxy: RunningProxy) -> None:
     line = _audit(faulty_proxy, "garbage")
     assert (line["status"], line["decision"]) == (502, "upstream_error")
     _assert_still_serving(faulty_proxy)
+
+
+@pytest.mark.parametrize("kind", ["status-777", "gzip-chunked", "gzip-until-close"])
+def test_an_answer_the_proxy_cannot_pass_on_truthfully_is_502(
+    faulty_proxy: RunningProxy, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = _get(faulty_proxy, kind, kind)
+    _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
+    line = _audit(faulty_proxy, kind)
+    assert (line["status"], line["decision"]) == (502, "upstream_error")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    _assert_still_serving(faulty_proxy)
+
+
+def test_a_trailer_that_never_ends_cuts_the_response_short_at_once(
+    faulty_proxy: RunningProxy,
+) -> None:
+    started = time.monotonic()
+    assert _truncated(faulty_proxy, "endless-trailer", "trailer") == 200
+    # The stand-in would send 32 MB of trailer; the proxy stops reading after 64 KiB.
+    assert time.monotonic() - started < 1
+    line = _audit(faulty_proxy, "trailer")
+    assert (line["status"], line["decision"]) == (200, "upstream_error")
+    _assert_still_serving(faulty_proxy)
+
+
+@pytest.mark.parametrize("kind", ["close-next", "reset-next"])
+def test_a_kept_alive_connection_closed_as_a_request_arrives_is_retried_if_safe(
+    fault: FaultServer, start_proxy: Callable[..., RunningProxy], kind: str
+) -> None:
+    # No retry budget: this retry is for the keep-alive race alone.
+    proxy = start_proxy(f"http://127.0.0.1:{fault.port}/api/v1", retry_max=0)
+    url = f"{proxy.url}/api/v1/fault"
+    with ThreadPoolExecutor(2) as pool:
+        # Two at once: two pooled connections, each to be hung up on at its next request.
+        assert list(pool.map(lambda _: httpx.get(f"{url}/{kind}").status_code, [1, 2])) == [200] * 2
+    response = httpx.get(f"{url}/ok", headers={"x-request-id": "safe"})
+    assert (response.status_code, response.content) == (200, OK_BODY)
+    # Sent again once, on a new connection rather than on the other hung-up one.
+    assert _audit(proxy, "safe")["retries"] == 1
+    assert (fault.requests["ok (hung up)"], fault.requests["ok"]) == (1, 1)
+
+    assert httpx.get(f"{url}/{kind}").status_code == 200  # the newest pooled one again
+    response = _get(proxy, "ok", "unsafe", "POST")
+    _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
+    # InvoisX read it before hanging up and may act on it: it is not sent twice.
+    assert (fault.requests["ok (hung up)"], fault.requests["ok"]) == (2, 1)
+    assert _audit(proxy, "unsafe")["retries"] == 0
 
 
 def test_a_client_leaving_mid_upload_stops_the_upload(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from proxy.errors import ProxyError
 from proxy.idempotency import MemoryStore, StoredResponse
 from proxy.keys import config_block
 from tests.conftest import Recorded, Recorder, Reply, RunningProxy
+from tests.wire import RawResponse, assert_proxy_error, parse_response
 
 SUBMIT = "/api/v1/invoices/inv_1/submit"
 SUBMITTED = b'{"success":true,"data":{"id":"inv_1","status":"submitted","uuid":"LHDN-42"}}'
@@ -230,3 +232,110 @@ def test_size_limits_hold_for_idempotent_calls(
     too_wide = _post(proxy, "big-head", b"{}", **{"X-Trace": "t" * 5000})
     assert (too_wide.status_code, too_wide.json()["error_code"]) == (431, "HEADERS_TOO_LARGE")
     assert recorder[0].requests == []
+
+
+def _partial_upload(proxy: RunningProxy, key: str, declared: int, sent: bytes) -> socket.socket:
+    """An Idempotency-Key POST that declares `declared` bytes and has sent only `sent`."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    conn.sendall(
+        f"POST {SUBMIT} HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n".encode()
+        + sent
+    )
+    return conn
+
+
+def _answer(conn: socket.socket) -> RawResponse:
+    data = b""
+    while b"\r\n\r\n" not in data or not parse_response(data).complete:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return parse_response(data)
+
+
+def test_bodies_held_for_idempotent_calls_are_bounded_in_total(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    proxy = start_proxy(upstream, max_body_bytes=600_000, max_buffered_bytes=1_000_000)
+    body = b'{"note":"' + b"x" * 499_988 + b'"}'  # 500,000 bytes
+    first = _partial_upload(proxy, "big-1", len(body), body[:450_000])
+    second = _partial_upload(proxy, "big-2", len(body), body[:450_000])
+    with first, second:
+        time.sleep(0.3)  # both now hold what they sent, 900,000 bytes of the budget
+        refused = httpx.post(
+            f"{proxy.url}{SUBMIT}", content=body, headers={"Idempotency-Key": "big-3"}
+        )
+        first.sendall(body[450_000:])
+        second.sendall(body[450_000:])
+        answers = [_answer(first), _answer(second)]
+    assert refused.status_code == 503
+    assert refused.json()["error_code"] == "PROXY_BUSY"
+    assert refused.headers["retry-after"] == "1"
+    assert [answer.status for answer in answers] == [200, 200]
+    # The refused call read no body and kept no key: sent again, it goes out.
+    again = httpx.post(f"{proxy.url}{SUBMIT}", content=body, headers={"Idempotency-Key": "big-3"})
+    assert again.status_code == 200
+    assert [len(request.body) for request in stand_in.requests] == [len(body)] * 3
+
+
+def test_a_call_waiting_for_the_rate_limit_has_not_read_its_body(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    """The body is read only once the call may go: while it waits, the client's upload
+    stops at what the socket buffers hold."""
+    stand_in, upstream = recorder
+    proxy = start_proxy(upstream, rate_limit_per_minute=1, rate_limit_max_wait=1.5)
+    assert _post(proxy, "spends-the-minute").status_code == 200
+    body = b"[" + b"1," * 4_000_000 + b"1]"  # 8 MB
+    host, port = proxy.url.removeprefix("http://").split(":")
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        conn.connect((host, int(port)))
+        conn.sendall(
+            f"POST {SUBMIT} HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: waits\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        conn.setblocking(False)
+        sent, until = 0, time.monotonic() + 0.7
+        while time.monotonic() < until and sent < len(body):
+            try:
+                sent += conn.send(body[sent : sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.005)
+        conn.setblocking(True)
+        conn.settimeout(10)
+        answer = _answer(conn)
+    assert sent < 2_000_000, sent
+    body_json = assert_proxy_error(answer)
+    assert body_json is not None and body_json["error_code"] == "RATE_LIMIT_EXCEEDED"
+    assert len(stand_in.requests) == 1
+
+
+def test_an_idempotent_upload_that_stalls_gets_408_and_keeps_no_key(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    proxy = start_proxy(upstream, client_timeout=0.5)
+    with _partial_upload(proxy, "stalls", 100, b"{") as stalled:
+        answer = _answer(stalled)
+    body = assert_proxy_error(answer)
+    assert body is not None and body["error_code"] == "CLIENT_TIMEOUT"
+    assert stand_in.requests == []
+    assert _post(proxy, "stalls", b"{}").status_code == 200
+
+
+def test_an_idempotent_body_larger_than_the_whole_budget_is_413_not_503(
+    recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    proxy = start_proxy(upstream, max_buffered_bytes=1000)
+    response = _post(proxy, "too-big-to-hold", b"[" + b"0," * 600 + b"0]")
+    assert response.status_code == 413
+    assert "INVOISX_PROXY_MAX_BUFFERED_BYTES" in response.json()["message"]
+    assert stand_in.requests == []
+    # Without a key the same body streams through: only held bodies count.
+    assert httpx.post(f"{proxy.url}{SUBMIT}", content=b"[" + b"0," * 600 + b"0]").status_code == 200

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.errors import ProxyError
 from proxy.policy import Permission, Policy, RuleSpec, parse_permissions
-from tests.conftest import Recorder, RunningProxy
+from tests.conftest import DOCUMENT_TYPES, TOKEN, Recorder, RunningProxy
 
 Upstream = tuple[Recorder, str]
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -36,6 +36,20 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 def test_default_required_permissions(method: str, path: str, needed: Permission) -> None:
     policy = Policy(granted=frozenset())
     assert policy.required_permission(method, tuple(path.split("/"))) == needed
+
+
+# The document types besides invoices (above).
+OTHER_DOCUMENT_TYPES = [kind for kind in DOCUMENT_TYPES if kind != "invoices"]
+
+
+@pytest.mark.parametrize("kind", OTHER_DOCUMENT_TYPES)
+@pytest.mark.parametrize("action", ["validate", "submit", "cancel"])
+def test_document_actions_need_update_on_every_document_type(kind: str, action: str) -> None:
+    policy = Policy(granted=frozenset())
+    assert policy.required_permission("POST", (kind, "d1", action)) == Permission.UPDATE
+    assert policy.required_permission("GET", (kind, "d1", action)) == Permission.READ
+    assert policy.required_permission("POST", (kind,)) == Permission.CREATE
+    assert policy.required_permission("POST", (kind, "d1", action, "x")) == Permission.CREATE
 
 
 def test_operator_rules_override_defaults() -> None:
@@ -68,6 +82,25 @@ def test_parse_permissions() -> None:
     assert parse_permissions([" Read", "create ", ""]) == {Permission.READ, Permission.CREATE}
     with pytest.raises(ValueError, match="unknown permission 'admin'"):
         parse_permissions(["read", "admin"])
+    with pytest.raises(ValueError, match="permissions are names"):
+        parse_permissions(["read", 1])
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [TOKEN, "ixt_live_short", "hunter2", "abcdefghijklm", "read,write", "s3cr3t"],
+)
+def test_unknown_permissions_that_may_be_secrets_are_not_echoed(pasted: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_permissions(["read", f" {pasted} "])
+    assert str(caught.value).startswith("unknown permission (not shown")
+    assert pasted not in str(caught.value)
+
+
+@pytest.mark.parametrize("typo", ["craete", "Raed", "updat", "administrat"])
+def test_unknown_permissions_that_look_like_typos_are_echoed(typo: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown permission '{typo}'; use create, read"):
+        parse_permissions([typo])
 
 
 def test_check_names_the_missing_permission_and_setting() -> None:

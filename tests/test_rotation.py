@@ -22,6 +22,10 @@ from tests.conftest import ProxyProcess, Recorded, Recorder, Reply, RunningProxy
 
 OLD = "ixt_live_old_A1b2C3d4E5f6G7h8"
 NEW = "ixt_live_new_Z9y8X7w6V5u4T3s2"
+ROOT = Path(__file__).resolve().parents[1]
+# Three polls at 0.05 s: a watch that applied a half-written file would have by now; the
+# proxy waits for a file to read the same for 0.5 s (`proxy.watch.SETTLE_SECONDS`).
+HALF_WRITTEN_FOR = 0.15
 
 
 def _write(path: Path, text: str) -> None:
@@ -134,6 +138,29 @@ def test_bad_file_keeps_the_last_good_token(
     assert stand_in.requests[-1].header("authorization") == [f"Bearer {NEW}"]
 
 
+def test_a_token_file_rewritten_in_place_is_used_only_once_complete(
+    tmp_path: Path, recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    stand_in, upstream = recorder
+    path = tmp_path / "token"
+    path.write_text(OLD)
+    proxy = _start(start_proxy, upstream, path, reload_interval=0.05)
+    with path.open("w") as file:
+        file.write(NEW[:12])  # a plausible token on its own
+        file.flush()
+        time.sleep(HALF_WRITTEN_FOR)
+        assert httpx.get(f"{proxy.url}/api/v1/buyers").status_code == 200
+        assert stand_in.requests[-1].header("authorization") == [f"Bearer {OLD}"]
+        file.write(NEW[12:])
+    reloaded = proxy.wait_for_events("token_reloaded", 1)
+    assert reloaded[0]["new_fingerprint"] == fingerprint(NEW)
+    assert httpx.get(f"{proxy.url}/api/v1/buyers").status_code == 200
+    assert stand_in.requests[-1].header("authorization") == [f"Bearer {NEW}"]
+    time.sleep(1)  # twice the settling: time for a second reload
+    assert len(proxy.events("token_reloaded")) == 1
+    assert proxy.events("token_reload_failed") == []
+
+
 def test_a_new_token_clears_the_rejection_and_brings_its_expiry(
     tmp_path: Path, recorder: tuple[Recorder, str], start_proxy: Callable[..., RunningProxy]
 ) -> None:
@@ -173,6 +200,7 @@ def test_sighup_reloads_at_once(
         INVOISX_API_TOKEN_FILE=str(path),
         INVOISX_API_URL=upstream,
         INVOISX_PROXY_RELOAD_INTERVAL="3600",  # polling alone would not notice for an hour
+        PYTHONPATH=str(ROOT),  # this tree's code, not a copy installed in the venv
     )
     _write(path, NEW)
     proxy.process.send_signal(signal.SIGHUP)

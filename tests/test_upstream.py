@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from proxy.upstream import Broken, Connection, Origin, Pool, Stalled, Unreachable
+from proxy.upstream import Broken, Connection, Dropped, Origin, Pool, Stalled, Unreachable
 from tests.conftest import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -432,5 +432,130 @@ def test_an_answer_before_the_whole_upload_is_sent_ends_the_connection() -> None
             assert (connection.complete, connection.reusable) == (True, False)
             pool.release(connection)
             await _get_on_another(pool, connection)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        OK.replace(b" 200 OK", b" 777 X"),
+        OK.replace(b" 200 OK", b" 099 X"),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nuntil close",
+    ],
+    ids=["status-777", "status-099", "gzip-chunked", "gzip-then-chunked", "gzip-until-close"],
+)
+def test_answers_that_cannot_be_passed_on_truthfully_are_broken(answer: bytes) -> None:
+    async def main() -> None:
+        async with serving(answering(answer)) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(GET, last=True)
+            with pytest.raises(Broken):
+                # Bounded: taken for an interim answer, a 099 would leave it waiting for good.
+                await asyncio.wait_for(connection.response_head(), 5)
+            assert not connection.reusable
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_a_trailer_that_never_ends_is_broken_once_past_the_limit() -> None:
+    sent = 0
+    stopped = asyncio.Event()
+
+    async def endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-E: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(3200):  # 32 MB at most, a 10 KB piece at a time
+                writer.write(b"a" * 10_000)
+                await writer.drain()
+                sent += 10_000
+        stopped.set()
+
+    async def main() -> None:
+        async with serving(endless_trailer) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(GET, last=True)
+            await connection.response_head()
+            body = b""
+            with pytest.raises(Broken, match="too large"):
+                while True:
+                    await connection.more()
+                    body += connection.take()
+            assert body == b"abc"
+            pool.release(connection)
+            # The hang-up stopped the stand-in after what the kernels' buffers took (some MB).
+            await asyncio.wait_for(stopped.wait(), 5)
+            assert sent < 16_000_000
+
+    asyncio.run(main())
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize("hang_up", [_close, _reset], ids=["close", "reset"])
+def test_only_a_reused_connection_closed_before_any_answer_byte_is_dropped(
+    hang_up: Callable[[asyncio.StreamWriter], None],
+) -> None:
+    connections = 0
+
+    async def answer_once_then_hang_up(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:  # later connections are hung up on at their first request
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(OK)
+            await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        hang_up(writer)
+
+    async def send_get(connection: Connection) -> None:
+        connection.send(GET, last=True)
+        await connection.response_head()
+
+    async def main() -> None:
+        async with serving(answer_once_then_hang_up) as pool:
+            first, _ = await _get(pool)
+            pool.release(first)
+            reused = await pool.acquire(head_only=False)
+            assert reused is first
+            with pytest.raises(Dropped):
+                await send_get(reused)
+            pool.release(reused)
+            new = await pool.acquire(head_only=False)
+            with pytest.raises(Broken) as failure:
+                await send_get(new)
+            assert not isinstance(failure.value, Dropped)
+            pool.release(new)
+
+    asyncio.run(main())
+
+
+def test_a_fresh_connection_leaves_the_idle_ones_alone() -> None:
+    async def main() -> None:
+        async with serving(answering(OK, OK)) as pool:
+            first, _ = await _get(pool)
+            pool.release(first)
+            fresh = await pool.acquire(head_only=False, fresh=True)
+            assert fresh is not first
+            pool.release(fresh)
+            again = await pool.acquire(head_only=False)
+            assert again is first
+            pool.release(again)
 
     asyncio.run(main())
