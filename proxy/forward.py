@@ -362,7 +362,8 @@ class _Request:
     """What each attempt at one call sends.
 
     Only a GET or HEAD without a body is retried (nothing else can be assumed harmless twice),
-    and only when InvoisX answered 429 or 503 or no connection could be opened.
+    and only when InvoisX answered 429 or 503, no connection could be opened, or a kept-alive
+    connection closed before any byte of the answer.
     """
 
     method: str

@@ -58,9 +58,14 @@ def _request_id(scope: Scope) -> str:
     return _new_request_id()
 
 
+# Ids are for tracing, not secrets: no system call for randomness on every request. A
+# generator of its own, seeded once from the OS, so that nothing reseeding the module's
+# shared one (a test framework, a library) can make ids repeat.
+_IDS = random.Random()
+
+
 def _new_request_id() -> str:
-    # Ids are for tracing, not secrets: no system call for randomness on every request.
-    return f"{random.getrandbits(128):032x}"
+    return f"{_IDS.getrandbits(128):032x}"
 
 
 def _query_keys(query_string: bytes) -> list[str]:

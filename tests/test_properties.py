@@ -60,6 +60,7 @@ UNPARSABLE_METHODS = ["get", "Post", "FOO", "DELETE2"]
 DOCUMENT_ACTIONS = ("validate", "submit", "cancel")
 # uvicorn's own plain-text refusal, which the listener replaces with the envelope.
 UVICORN_REFUSAL = b"Invalid HTTP request received."
+MAX_TARGET_BYTES = 8192  # README: a request target over 8 KiB gets 414
 
 # Values that must never reach InvoisX; unique per run so a match cannot be a coincidence.
 COOKIE_MARK = "ck" + secrets.token_hex(8)
@@ -478,18 +479,27 @@ def _expected(
     may refuse adds its refusal and goes on.
     """
     allowed: set[Outcome] = set()
-    if case.method in UNPARSABLE_METHODS or any(byte >= 0x7F for byte in case.path):
+    if case.method in UNPARSABLE_METHODS:
         return {Refusal(400, "BAD_REQUEST")}
+    # The listener refuses a target over 8 KiB as it reads it (give or take an absolute
+    # form's scheme and host); llhttp refuses a raw non-ASCII byte where it finds it.
+    target = len(case.path) + (len(case.query) + 1 if case.query is not None else 0)
+    too_long = {Refusal(414, "URI_TOO_LONG")} if target > MAX_TARGET_BYTES - 64 else set()
+    if any(byte >= 0x7F for byte in case.path):
+        return {Refusal(400, "BAD_REQUEST")} | too_long
+    if target > MAX_TARGET_BYTES + 64:
+        return too_long
+    allowed |= too_long
     path = case.path
     if not path.startswith(b"/api/v1/") or path == b"/api/v1/":
-        return {Refusal(404, "NOT_FOUND")}
+        return allowed | {Refusal(404, "NOT_FOUND")}
     rest = path[len(b"/api/v1/") :]
     parts = rest.split(b"/")
     if parts[-1] == b"":
         parts.pop()
     verdicts = [True if not part else _segment_verdict(part) for part in parts]
     if True in verdicts:
-        return {Refusal(400, "BAD_REQUEST")}
+        return allowed | {Refusal(400, "BAD_REQUEST")}
     if None in verdicts:
         allowed.add(Refusal(400, "BAD_REQUEST"))
 
