@@ -11,7 +11,15 @@ from typing import Any, Literal
 
 from starlette.types import Send
 
-__all__ = ["INTERNAL_ERROR", "SHUTTING_DOWN", "Decision", "ProxyError", "envelope", "send_error"]
+__all__ = [
+    "INTERNAL_ERROR",
+    "SHUTTING_DOWN",
+    "Decision",
+    "ProxyError",
+    "envelope",
+    "headers_too_large",
+    "send_error",
+]
 
 # `error` marks a failure inside the proxy itself (a bug), never a client or InvoisX problem;
 # `aborted` a call cut off because the proxy was shutting down; `replayed` an answer given
@@ -62,6 +70,15 @@ SHUTTING_DOWN = ProxyError(
     "The proxy shut down before InvoisX answered; the call may or may not have taken effect.",
     decision="aborted",
 )
+
+
+def headers_too_large(limit: int) -> ProxyError:
+    """431: the request headers are over INVOISX_PROXY_MAX_HEADER_BYTES (`limit`)."""
+    return ProxyError(
+        431,
+        "HEADERS_TOO_LARGE",
+        f"The request headers are larger than {limit} bytes (INVOISX_PROXY_MAX_HEADER_BYTES).",
+    )
 
 
 def envelope(error_code: str, message: str, extra: dict[str, Any] | None = None) -> bytes:

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
 from proxy import __version__
-from proxy.errors import Decision, ProxyError
+from proxy.errors import Decision, ProxyError, headers_too_large
 from proxy.metrics import Metrics
 from proxy.policy import Permission
 from proxy.ratelimit import RateLimiter, header_number
@@ -211,14 +211,6 @@ def _too_large(limit: int) -> ProxyError:
         413,
         "PAYLOAD_TOO_LARGE",
         f"The request body is larger than {limit} bytes (INVOISX_PROXY_MAX_BODY_BYTES).",
-    )
-
-
-def _headers_too_large(limit: int) -> ProxyError:
-    return ProxyError(
-        431,
-        "HEADERS_TOO_LARGE",
-        f"The request headers are larger than {limit} bytes (INVOISX_PROXY_MAX_HEADER_BYTES).",
     )
 
 
@@ -695,7 +687,7 @@ class Forwarder:
     def check_request_size(self, headers: list[tuple[bytes, bytes]]) -> None:
         """431 for headers over the limit, 413 for a declared body over it."""
         if sum(len(name) + len(value) + 4 for name, value in headers) > self._max_header_bytes:
-            raise _headers_too_large(self._max_header_bytes)
+            raise headers_too_large(self._max_header_bytes)
         length = _content_length(headers)
         if length is not None and length > self._max_body:
             raise _too_large(self._max_body)

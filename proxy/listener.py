@@ -31,7 +31,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from proxy.errors import ProxyError, envelope
+from proxy.errors import ProxyError, envelope, headers_too_large
 
 __all__ = ["MAX_TARGET_BYTES", "ClientProtocol", "WireRefusal", "client_protocol"]
 
@@ -70,14 +70,6 @@ def _not_http() -> ProxyError:
 def _target_too_long() -> ProxyError:
     return ProxyError(
         414, "URI_TOO_LONG", f"The request target is longer than {MAX_TARGET_BYTES} bytes."
-    )
-
-
-def _head_too_large(limit: int) -> ProxyError:
-    return ProxyError(
-        431,
-        "HEADERS_TOO_LARGE",
-        f"The request headers are larger than {limit} bytes (INVOISX_PROXY_MAX_HEADER_BYTES).",
     )
 
 
@@ -180,7 +172,7 @@ class ClientProtocol(HttpToolsProtocol):
             if len(self.url) > MAX_TARGET_BYTES:
                 self._refuse(_target_too_long())
             elif self._seen > self.max_header_bytes + MAX_TARGET_BYTES:
-                self._refuse(_head_too_large(self.max_header_bytes))
+                self._refuse(headers_too_large(self.max_header_bytes))
             return
         reading = self.cycle
         if reading is None or not reading.more_body:
