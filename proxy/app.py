@@ -12,17 +12,19 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
+from functools import partial
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from structlog.typing import FilteringBoundLogger
 
 from proxy import __version__
 from proxy.audit import AuditLog
 from proxy.configfile import ConfigHolder, ConfigReload, build_config, load_config_file
-from proxy.credentials import TokenHolder, load_token
+from proxy.credentials import TokenHolder, UpstreamToken, load_token
 from proxy.errors import INTERNAL_ERROR, envelope
 from proxy.forward import Forwarder
 from proxy.health import TokenHealth
@@ -93,7 +95,7 @@ class ProxyFirst:
 
 def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirst:
     """Build the app; raises `ConfigError` for a bad token, config file or log file."""
-    tokens = TokenHolder(load_token(settings))
+    tokens = TokenHolder(load_token(settings, datetime.now(UTC)))
     configs = ConfigHolder(build_config(load_config_file(settings.config), settings))
     audit = AuditLog(settings.log_file, to_stdout=audit_to_stdout)
     metrics = Metrics(tokens)
@@ -152,31 +154,14 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         log = audit.logger
-        token = tokens.current
-        log.info(
-            "startup",
-            version=__version__,
-            upstream=settings.api_url,
-            token_fingerprint=token.fingerprint,
-            token_permissions=sorted(settings.token_permissions),
-            token_expires_at=token.expires_at.isoformat() if token.expires_at else None,
-            token_file=str(settings.api_token_file) if settings.api_token_file else None,
-            rules=configs.current.rules,
-            clients=len(configs.current.clients),
-        )
-        if not configs.current.clients and not is_loopback(settings.host):
-            log.warning(
-                "anonymous_access",
-                host=settings.host,
-                reason="INVOISX_PROXY_ALLOW_ANONYMOUS=true and no client keys: anyone who can "
-                "reach this address can use the token",
-            )
+        config = configs.current
+        _announce(log, settings, tokens.current, config.rules, len(config.clients))
         background = [
             asyncio.create_task(warn_before_expiry(tokens, settings.expiry_warning_days, log)),
             *(asyncio.create_task(watch.run()) for watch in watches),
         ]
         try:
-            with _on_sighup(lambda: [watch.poke() for watch in watches]):
+            with _on_sighup(partial(_poke, watches)):
                 async with forwarder:
                     yield
         finally:
@@ -203,9 +188,59 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
     protocol = client_protocol(
         max_header_bytes=settings.max_header_bytes,
         client_timeout=settings.client_timeout,
+        max_idle=settings.max_idle_connections,
         report=endpoint.refused_on_wire,
     )
     return ProxyFirst(endpoint, app, protocol)
+
+
+def _poke(watches: list[FileWatch]) -> None:
+    for watch in watches:
+        watch.poke()
+
+
+def _announce(
+    log: FilteringBoundLogger,
+    settings: Settings,
+    token: UpstreamToken,
+    rules: int,
+    clients: int,
+) -> None:
+    """The start-up line, then a warning for each setting that likely is not what was meant."""
+    log.info(
+        "startup",
+        version=__version__,
+        listen=f"{settings.host}:{settings.port}",
+        upstream=settings.api_url,
+        token_fingerprint=token.fingerprint,
+        token_permissions=sorted(settings.token_permissions),
+        token_expires_at=token.expires_at.isoformat() if token.expires_at else None,
+        token_file=str(settings.api_token_file) if settings.api_token_file else None,
+        rules=rules,
+        clients=clients,
+    )
+    for unknown in settings.unknown_variables:
+        log.warning(
+            "unknown_setting",
+            variable=unknown.name,
+            source=unknown.source,
+            did_you_mean=unknown.closest,
+            reason="no setting reads this variable; it is ignored",
+        )
+    if settings.permissions_defaulted:
+        log.warning(
+            "default_permissions",
+            token_permissions=sorted(settings.token_permissions),
+            reason="INVOISX_TOKEN_PERMISSIONS is not set, so the proxy refuses every create, "
+            "update and delete; set it to what the token may do in the InvoisX dashboard",
+        )
+    if not clients and not is_loopback(settings.host):
+        log.warning(
+            "anonymous_access",
+            host=settings.host,
+            reason="INVOISX_PROXY_ALLOW_ANONYMOUS=true and no client keys: anyone who can "
+            "reach this address can use the token",
+        )
 
 
 @contextmanager

@@ -111,23 +111,27 @@ class AuditLog:
             self._file.close()
 
 
+def _orjson_text(value: Any, **options: Any) -> str:
+    # logging's Formatter.format must return str; orjson gives bytes.
+    return orjson.dumps(value, **options).decode()
+
+
 def uvicorn_log_config() -> dict[str, Any]:
-    """A logging dictConfig that renders uvicorn's own messages as JSON lines on stdout."""
+    """A logging dictConfig that renders uvicorn's own messages as JSON lines on stdout, in
+    the audit lines' shape: the audit chain, with a renderer that returns str."""
+    *audit_chain, _bytes_renderer = _processors()
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {
             "json": {
                 "()": structlog.stdlib.ProcessorFormatter,
+                # add_logger_name reads the LogRecord, which remove_processors_meta drops.
+                "foreign_pre_chain": [structlog.stdlib.add_logger_name],
                 "processors": [
                     structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer(),
-                ],
-                "foreign_pre_chain": [
-                    structlog.stdlib.add_log_level,
-                    structlog.stdlib.add_logger_name,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+                    *audit_chain,
+                    structlog.processors.JSONRenderer(serializer=_orjson_text),
                 ],
             }
         },

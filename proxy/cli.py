@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -17,23 +16,57 @@ from proxy.demo import run_demo, run_sandbox
 from proxy.identity import ClientSpec
 from proxy.keys import config_block, key_sha256, new_key
 from proxy.report import FAIL_ON, FORMATS, AuditError, audit_options, run_audit
-from proxy.serving import run_until_signalled, server_config, tune_gc
+from proxy.serving import bind, run_until_signalled, server_config, tune_gc
 from proxy.settings import ConfigError, Settings, load_settings
 
 __all__ = ["main", "serve"]
 
 
-def serve(settings: Settings) -> None:
-    """Run the proxy under uvicorn until it is stopped."""
-    server = uvicorn.Server(server_config(create_app(settings), settings))
-    tune_gc()
-    run_until_signalled(server)
+def serve(settings: Settings, *, host_setting: str, port_setting: str) -> None:
+    """Run the proxy under uvicorn until it is stopped; the settings name a bad address."""
+    # Bound before uvicorn starts, so a port in use or a bad host stops start-up with one
+    # line, before the app has logged `startup` (which then names the real port, even for 0).
+    sock = bind(settings.host, settings.port, host_setting=host_setting, port_setting=port_setting)
+    with sock:
+        settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+        server = uvicorn.Server(server_config(create_app(settings), settings))
+        tune_gc()
+        run_until_signalled(server, sockets=[sock])
+
+
+# The settings that `serve`'s flags override: a bad value is named as the user gave it.
+_FLAG_SETTINGS = {
+    "host": "INVOISX_PROXY_HOST",
+    "port": "INVOISX_PROXY_PORT",
+    "config": "INVOISX_PROXY_CONFIG",
+}
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """`serve`: settings from the environment with the flags given, then the proxy."""
+    given = {name: getattr(args, name) for name in _FLAG_SETTINGS}
+    overrides = {name: value for name, value in given.items() if value is not None}
+    names = {
+        setting: f"--{name}" if name in overrides else setting
+        for name, setting in _FLAG_SETTINGS.items()
+    }
+    try:
+        settings = load_settings(**overrides)
+    except ConfigError as error:
+        message = str(error).removeprefix(f"{error.setting}: ")
+        raise ConfigError(names.get(error.setting, error.setting), message) from None
+    host, port = names["INVOISX_PROXY_HOST"], names["INVOISX_PROXY_PORT"]
+    serve(settings, host_setting=host, port_setting=port)
 
 
 def run_keys(args: argparse.Namespace) -> int:
     """`keys new`: a new key, shown once, and its config table; `keys hash`: a key's hash."""
     if args.keys_command == "hash":
+        # A key copied from a client's configuration often comes with its header's scheme.
         key = sys.stdin.readline().strip()
+        scheme, _, rest = key.partition(" ")
+        if scheme.lower() == "bearer":
+            key = rest.strip()
         if not key:
             raise ConfigError("keys hash", "no key on standard input")
         print(key_sha256(key))
@@ -112,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="proxy listen address (127.0.0.1)")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     demo.add_argument("--tour", action="store_true", help="run the tour through it, then exit")
+    demo.add_argument(
+        "--log-file", metavar="PATH", help="keep the audit log, appended (INVOISX_PROXY_LOG_FILE)"
+    )
     keys = commands.add_parser("keys", help="client keys for the config file")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     new = key_commands.add_parser("new", help="print a new key and its [clients.NAME] table")
@@ -136,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            return run_demo(args.port, tour=args.tour, host=args.host)
+            return run_demo(args.port, tour=args.tour, host=args.host, log_file=args.log_file)
         if args.command == "keys":
             return run_keys(args)
         if args.command == "audit":
@@ -144,12 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sandbox":
             run_sandbox(args.host, args.port, args.rate_limit)
             return 0
-        overrides: dict[str, Any] = {
-            name: value
-            for name, value in (("host", args.host), ("port", args.port), ("config", args.config))
-            if value is not None
-        }
-        serve(load_settings(**overrides))
+        run_serve(args)
     except ConfigError as error:
         print(f"invoisx-proxy: {error}", file=sys.stderr)
         return 2

@@ -107,10 +107,13 @@ def read_token_file(path: Path) -> UpstreamToken:
     return parse_token_file(text)
 
 
-def load_token(settings: Settings) -> UpstreamToken:
+def load_token(settings: Settings, now: datetime) -> UpstreamToken:
     """The start-up token from `INVOISX_API_TOKEN` or `INVOISX_API_TOKEN_FILE`.
 
     INVOISX_TOKEN_EXPIRES_AT describes this token; an expiry line in the file wins over it.
+    An expired token from the file starts (a rotation can replace it, start-up logs
+    `token_expired`); an expired INVOISX_API_TOKEN cannot change without a restart, so a
+    proxy that could only answer 401 does not start.
     """
     if settings.api_token_file is not None:
         token = read_token_file(settings.api_token_file)
@@ -119,4 +122,11 @@ def load_token(settings: Settings) -> UpstreamToken:
         return token
     assert settings.api_token is not None  # Settings requires one of the two
     secret = _checked(settings.api_token.get_secret_value(), "INVOISX_API_TOKEN")
-    return UpstreamToken(secret, settings.token_expires_at)
+    expires_at = settings.token_expires_at
+    if expires_at is not None and expires_at <= now:
+        raise ConfigError(
+            "INVOISX_TOKEN_EXPIRES_AT",
+            f"the token expired at {expires_at.isoformat()}; put a new token in "
+            "INVOISX_API_TOKEN (or use INVOISX_API_TOKEN_FILE, which is reloaded on change)",
+        )
+    return UpstreamToken(secret, expires_at)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from starlette.types import Send
 
 __all__ = [
+    "BODY_INCOMPLETE",
     "INTERNAL_ERROR",
     "SHUTTING_DOWN",
     "Decision",
@@ -69,6 +70,16 @@ SHUTTING_DOWN = ProxyError(
     "PROXY_SHUTTING_DOWN",
     "The proxy shut down before InvoisX answered; the call may or may not have taken effect.",
     decision="aborted",
+)
+
+
+# The client's connection closed before the last byte of its request body: it is gone, so
+# this is for its audit line and metrics, which must not blame InvoisX.
+BODY_INCOMPLETE = ProxyError(
+    400,
+    "CLIENT_BODY_INCOMPLETE",
+    "The connection closed before the request body was complete, so InvoisX never got the "
+    "whole request.",
 )
 
 

@@ -22,14 +22,24 @@ from starlette.types import Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
 from proxy import __version__
-from proxy.errors import Decision, ProxyError, headers_too_large
+from proxy.errors import BODY_INCOMPLETE, Decision, ProxyError, headers_too_large
 from proxy.metrics import Metrics
 from proxy.policy import Permission
 from proxy.ratelimit import RateLimiter, header_number
 from proxy.scrub import Scrub
-from proxy.upstream import Broken, Connection, Dropped, Origin, Pool, Stalled, Unreachable
+from proxy.upstream import (
+    Broken,
+    Connection,
+    Dropped,
+    Origin,
+    Pool,
+    Stalled,
+    Unreachable,
+    UpstreamError,
+)
 
 __all__ = [
+    "BodyIncomplete",
     "Capture",
     "ClientDisconnected",
     "Exchange",
@@ -124,9 +134,20 @@ class Exchange:
         self.decision = "upstream_error"
         self.error_code = "CLIENT_TIMEOUT"
 
+    def body_cut_short(self) -> None:
+        """Record that the client's connection closed before its request body was complete.
+        Nobody is left to answer, but the call was the client's fault, not InvoisX's."""
+        self.status = BODY_INCOMPLETE.status
+        self.decision = BODY_INCOMPLETE.decision
+        self.error_code = BODY_INCOMPLETE.error_code
+
 
 class ClientDisconnected(Exception):
     """The client went away before the exchange finished."""
+
+
+class BodyIncomplete(ClientDisconnected):
+    """The client went away before the last byte of its request body."""
 
 
 def _named_in_connection(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
@@ -264,9 +285,9 @@ async def read_body(
             async with asyncio.timeout(client_timeout):
                 message = await receive()
         except TimeoutError:
-            raise _client_timeout(client_timeout) from None
+            raise _client_timeout(client_timeout, len(body), declared) from None
         if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
+            raise BodyIncomplete()
         chunk: bytes = message.get("body", b"")
         hold(len(chunk))
         body += chunk
@@ -372,7 +393,7 @@ _RETRYABLE_STATUSES = frozenset({429, 503})
 
 
 def _backoff(retries: int) -> float:
-    return 0.25 * 2**retries
+    return 0.25 * 2.0**retries
 
 
 def _retry_delay(status: int, headers: Mapping[bytes, bytes], retries: int) -> float | None:
@@ -383,33 +404,34 @@ def _retry_delay(status: int, headers: Mapping[bytes, bytes], retries: int) -> f
     return float(retry_after) if retry_after is not None else _backoff(retries)
 
 
-def _unavailable() -> ProxyError:
-    return ProxyError(
-        502,
-        "UPSTREAM_UNAVAILABLE",
-        "InvoisX could not be reached. Try again shortly.",
-        decision="upstream_error",
-    )
+def _unavailable(error: UpstreamError, *, note: str = "") -> ProxyError:
+    # The upstream error's text says what happened (see `UpstreamError`).
+    return ProxyError(502, "UPSTREAM_UNAVAILABLE", f"{error}{note}", decision="upstream_error")
 
 
-def _client_timeout(seconds: float) -> ProxyError:
+def _client_timeout(seconds: float, received: int, declared: int | None) -> ProxyError:
+    of = "" if declared is None else f" of {declared}"
     return ProxyError(
         408,
         "CLIENT_TIMEOUT",
-        f"The client sent nothing for {seconds:g} seconds (INVOISX_PROXY_CLIENT_TIMEOUT); "
-        "the call was not sent on to InvoisX.",
+        f"The request body stopped arriving: nothing for {seconds:g} s "
+        f"(INVOISX_PROXY_CLIENT_TIMEOUT) after {received}{of} bytes, so InvoisX never got "
+        "the whole request.",
         # The rest of the body may never come: the connection cannot carry another request.
         headers={"connection": "close"},
     )
 
 
-def _timed_out() -> ProxyError:
-    return ProxyError(
-        504,
-        "UPSTREAM_TIMEOUT",
-        "InvoisX did not answer in time (INVOISX_PROXY_UPSTREAM_TIMEOUT).",
-        decision="upstream_error",
-    )
+def _timed_out(error: Stalled) -> ProxyError:
+    return ProxyError(504, "UPSTREAM_TIMEOUT", str(error), decision="upstream_error")
+
+
+def _upstream_failure(error: Broken | Stalled) -> ProxyError:
+    return _timed_out(error) if isinstance(error, Stalled) else _unavailable(error)
+
+
+# Why a POST, PUT, PATCH or DELETE whose kept-alive connection closed is not sent again.
+_NOT_RESENT = " The call was not sent again: InvoisX may have read it before closing."
 
 
 def _request_head(
@@ -504,7 +526,7 @@ class _Call:
                 self._seen = connection.progress
                 self._quiet_since = now
             elif now - self._quiet_since >= timeout:
-                connection.time_out()
+                connection.time_out(timeout)
             if self.waiting:
                 self._client_since = None
             elif self._client_since is None or self.client_moves != self._client_seen:
@@ -516,7 +538,7 @@ class _Call:
             sent_at = self.sent_at
             overdue = sent_at is not None and now - sent_at >= _HEADERS_WITHIN * timeout
             if overdue and not connection.head_in:
-                connection.time_out()
+                connection.headers_overdue(_HEADERS_WITHIN * timeout)
         if self._listen and self.body_read and now - self._started >= _WATCH_AFTER:
             self._listen = False
             self._listener = asyncio.create_task(self._watch_client())
@@ -646,12 +668,16 @@ class Forwarder:
             if isinstance(gone, asyncio.CancelledError):
                 # Our own watch cancelled us; nobody else asked this task to stop.
                 owner.uncancel()
-            if call.client_left:
+            if isinstance(gone, BodyIncomplete):
+                exchange.body_cut_short()
+            elif call.client_left:
                 exchange.client_gone()
             elif exchange.status:
                 exchange.client_stalled()  # the answer started: closing is all that is left
             else:
-                raise _client_timeout(self._client_timeout) from None
+                upload = request.body
+                declared = upload.declared if isinstance(upload, _Upload) else None
+                raise _client_timeout(self._client_timeout, exchange.bytes_in, declared) from None
         finally:
             self._calls.discard(call)
             call.stop_listening()
@@ -774,6 +800,7 @@ class Forwarder:
         """Send, retrying only what cannot have taken effect twice (see `_Request`)."""
         retries_left = self._retry_max if request.retryable else 0
         fresh = False
+        delay: float | None
         while True:
             if not admitted:
                 await self.admit(exchange, client_per_minute)
@@ -783,20 +810,20 @@ class Forwarder:
             except Unreachable as error:
                 delay = _backoff(exchange.retries)
                 if not retries_left or time.perf_counter() + delay >= deadline:
-                    raise _unavailable() from error
+                    raise _unavailable(error) from error
             except Stalled as error:
-                raise _timed_out() from error
+                raise _timed_out(error) from error
             except Dropped as error:
                 # A keep-alive race rather than a failure of InvoisX: a safe request goes again
                 # at once, whatever INVOISX_RETRY_MAX says (once: a new connection is never
                 # `Dropped`). An unsafe one does not: InvoisX may have read it before closing.
                 if not request.retryable:
-                    raise _unavailable() from error
+                    raise _unavailable(error, note=_NOT_RESENT) from error
                 fresh = True
                 exchange.retries += 1
                 continue
             except Broken as error:
-                raise _unavailable() from error
+                raise _unavailable(error) from error
             else:
                 try:
                     delay = self._learn(connection, exchange.retries)
@@ -865,7 +892,7 @@ class Forwarder:
             message = await upload.receive()
             if message["type"] == "http.disconnect":
                 call.client_left = True
-                raise ClientDisconnected()
+                raise BodyIncomplete()
             chunk: bytes = message.get("body", b"")
             call.client_moves += 1
             exchange.bytes_in += len(chunk)
@@ -922,7 +949,7 @@ class Forwarder:
                     await self._more(connection, call, answer)
                 except (Broken, Stalled) as error:
                     # Nothing has gone to the client yet, so it gets the envelope.
-                    raise _timed_out() if isinstance(error, Stalled) else _unavailable() from error
+                    raise _upstream_failure(error) from error
             capture.complete = answer.last
         await send({"type": "http.response.start", "status": status, "headers": headers})
         while True:

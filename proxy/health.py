@@ -57,10 +57,13 @@ class TokenHealth:
         if self._probe_due():
             status, error_code = await self._forwarder.probe(token.authorization)
             self.upstream_answered(token, status, error_code)
-        details: dict[str, Any] = {"token_fingerprint": token.fingerprint}
-        if token.expires_at is not None:
-            details["token_expires_at"] = token.expires_at.isoformat()
-        if token.expires_at is not None and now >= token.expires_at:
+        expires_at = token.expires_at
+        # Always present (null when unknown), so a monitor reads one shape in every state.
+        details: dict[str, Any] = {
+            "token_fingerprint": token.fingerprint,
+            "token_expires_at": None if expires_at is None else expires_at.isoformat(),
+        }
+        if expires_at is not None and now >= expires_at:
             return False, {"status": "unavailable", "reason": "token_expired", **details}
         if self._holder.rejected:
             return False, {"status": "unavailable", "reason": "token_rejected", **details}

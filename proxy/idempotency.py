@@ -115,7 +115,8 @@ def idempotency_key(scope: Scope) -> bytes | None:
     """The request's Idempotency-Key, when its method can have one; 400 when malformed."""
     if scope["method"] not in _UNSAFE_METHODS:
         return None
-    for name, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == b"idempotency-key":
             if not _VALID_KEY.fullmatch(value):
                 raise ProxyError(

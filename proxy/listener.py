@@ -21,9 +21,10 @@ without a body: every other callback layer would cost each request a Python call
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn._types import HTTPScope
@@ -33,7 +34,7 @@ from uvicorn.server import ServerState
 
 from proxy.errors import ProxyError, envelope, headers_too_large
 
-__all__ = ["MAX_TARGET_BYTES", "ClientProtocol", "WireRefusal", "client_protocol"]
+__all__ = ["MAX_TARGET_BYTES", "ClientProtocol", "WireRefusal", "client_protocol", "idle_bound"]
 
 # nginx's default for a request line; InvoisX's targets are a path and a short query.
 MAX_TARGET_BYTES = 8192
@@ -100,6 +101,11 @@ class ClientProtocol(HttpToolsProtocol):
     max_header_bytes = 32_768
     client_timeout = 10.0
     report: Report = staticmethod(lambda refusal: "")
+    # The connections of this server now idle between calls, oldest first, and how many may
+    # be: past it the one idle longest is closed, so idle clients cannot run the process out
+    # of file descriptors however long the keep-alive timeout is.
+    idle: ClassVar[dict[ClientProtocol, None]] = {}
+    max_idle = 1000
 
     def __init__(
         self,
@@ -127,7 +133,28 @@ class ClientProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        self.idle.pop(self, None)
         super().connection_lost(exc)
+
+    # --- keep-alive -------------------------------------------------------------------------
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is None:
+            return  # closing, or a pipelined call started at once
+        idle = self.idle
+        idle[self] = None
+        if len(idle) > self.max_idle:
+            oldest = next(iter(idle))
+            del idle[oldest]
+            oldest.transport.close()
+
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn's, plus: the connection is busy again (or gone), no longer idle.
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+            self.idle.pop(self, None)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -291,10 +318,19 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return b"content-length: %b\r\n" % length.strip(b" \t")
 
 
+def idle_bound(wanted: int) -> int:
+    """`wanted`, or half the process's file-descriptor limit if that is lower."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft // 2))
+
+
 def client_protocol(
-    *, max_header_bytes: int, client_timeout: float, report: Report
+    *, max_header_bytes: int, client_timeout: float, max_idle: int, report: Report
 ) -> type[ClientProtocol]:
-    """The protocol class for uvicorn's `http` option, with these limits and this reporter."""
+    """The protocol class for uvicorn's `http` option, with these limits and this reporter.
+
+    Each call makes a new class, so each server counts its own idle connections.
+    """
     return type(
         "ClientProtocol",
         (ClientProtocol,),
@@ -302,5 +338,7 @@ def client_protocol(
             "max_header_bytes": max_header_bytes,
             "client_timeout": client_timeout,
             "report": staticmethod(report),
+            "idle": {},
+            "max_idle": idle_bound(max_idle),
         },
     )

@@ -23,6 +23,8 @@ __all__ = [
 ]
 
 API_PREFIX = b"/api/v1/"
+# The API's root itself, which InvoisX serves nothing at.
+_API_ROOTS = frozenset({API_PREFIX, API_PREFIX.rstrip(b"/")})
 
 # Letters, digits, '-', '_' and '~' need no decoding and can form no dot segment.
 _PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9_~-]+")
@@ -60,6 +62,14 @@ def _bad_path(reason: str) -> ProxyError:
     return ProxyError(400, "BAD_REQUEST", f"The request path is not allowed: {reason}.")
 
 
+def _not_served(raw_path: bytes) -> ProxyError:
+    if raw_path in _API_ROOTS:
+        reason = "The path names no resource: add one after /api/v1/"
+    else:
+        reason = "Only paths below /api/v1/ are served by this proxy"
+    return ProxyError(404, "NOT_FOUND", f"{reason}, for example /api/v1/buyers.")
+
+
 def _decode_segment(segment: bytes) -> str:
     if _PLAIN_SEGMENT.fullmatch(segment):
         return segment.decode()  # the common case: nothing to decode, nothing to check
@@ -85,7 +95,7 @@ def parse_target(raw_path: bytes) -> Target:
     Raises 404 `NOT_FOUND` outside `/api/v1/` and 400 `BAD_REQUEST` for unsafe segments.
     """
     if not raw_path.startswith(API_PREFIX) or raw_path == API_PREFIX:
-        raise ProxyError(404, "NOT_FOUND", "Only /api/v1/ paths are served by this proxy.")
+        raise _not_served(raw_path)
     rest = raw_path[len(API_PREFIX) :]
     parts = rest.split(b"/")
     # A single trailing slash is harmless; any other empty segment is a '//'.

@@ -21,7 +21,14 @@ from structlog.typing import FilteringBoundLogger
 from proxy.configfile import ActiveConfig, ConfigHolder
 from proxy.credentials import TokenHolder, UpstreamToken
 from proxy.errors import INTERNAL_ERROR, SHUTTING_DOWN, ProxyError, send_error
-from proxy.forward import Capture, ClientDisconnected, Exchange, Forwarder, read_body
+from proxy.forward import (
+    BodyIncomplete,
+    Capture,
+    ClientDisconnected,
+    Exchange,
+    Forwarder,
+    read_body,
+)
 from proxy.health import TokenHealth
 from proxy.idempotency import (
     BodyBudget,
@@ -52,7 +59,8 @@ _MAX_KEY_LENGTH = 64
 
 
 def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
             return value.decode()
     return _new_request_id()
@@ -123,8 +131,10 @@ class ProxyEndpoint:
             await self._run_stages(scope, receive, send, exchange, config, token)
         except ProxyError as error:
             await self._refuse(send, error, exchange)
+        except BodyIncomplete:
+            exchange.body_cut_short()  # while its body was being read: no one to answer
         except ClientDisconnected:
-            exchange.client_gone()  # while its body was being read
+            exchange.client_gone()
         except asyncio.CancelledError:
             # Only uvicorn cancels this task: the shutdown grace period ran out. Answer if we
             # still can, then end quietly; the server no longer waits for this task.

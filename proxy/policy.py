@@ -172,7 +172,9 @@ def check_no_method_override(scope: Scope) -> JsonKeyScan | None:
         raise ProxyError(
             415,
             "UNSUPPORTED_MEDIA_TYPE",
-            "Form bodies are not forwarded: the InvoisX API takes JSON.",
+            "Form bodies are not forwarded: the InvoisX API takes JSON. Send the body with "
+            "Content-Type: application/json (with curl: -H 'Content-Type: application/json', "
+            "or --json instead of -d).",
         )
     # Laravel reads JSON from any type containing "/json" or "+json"; the proxy sends
     # application/json for a body without a type.

@@ -68,16 +68,28 @@ async def warn_before_expiry(
     holder: TokenHolder, warning_days: int, log: FilteringBoundLogger, every: float = _DAY
 ) -> None:
     """Log `token_expiring` now and once a day (`every`) while the token expires within
-    `warning_days`."""
+    `warning_days`, and `token_expired` at error level once it has expired."""
     while True:
         token = holder.current
-        if token.expires_at is not None and warning_days:
+        pause = every
+        if token.expires_at is not None:
             left = token.expires_at - datetime.now(UTC)
-            if left < timedelta(days=warning_days):
-                log.warning(
-                    "token_expiring",
+            if left <= timedelta(0):
+                log.error(
+                    "token_expired",
                     token_fingerprint=token.fingerprint,
                     token_expires_at=token.expires_at.isoformat(),
-                    days_left=max(0, left.days),
+                    reason="InvoisX refuses an expired token: every call gets 401 and /readyz "
+                    "503 until a new token is in place",
                 )
-        await asyncio.sleep(every)
+            else:
+                if warning_days and left < timedelta(days=warning_days):
+                    log.warning(
+                        "token_expiring",
+                        token_fingerprint=token.fingerprint,
+                        token_expires_at=token.expires_at.isoformat(),
+                        days_left=left.days,
+                    )
+                # Wake at the moment of expiry too, not up to a day after it.
+                pause = min(every, left.total_seconds() + 1)
+        await asyncio.sleep(pause)

@@ -6,6 +6,7 @@ helpers, so what the tests start is what users start.
 
 from __future__ import annotations
 
+import errno
 import gc
 import signal
 import socket
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp
 
 from proxy.app import ProxyFirst
 from proxy.audit import uvicorn_log_config
-from proxy.settings import Settings
+from proxy.settings import ConfigError, Settings
 
 __all__ = ["bind", "run_until_signalled", "server_config", "serving_in_thread", "tune_gc"]
 
@@ -43,6 +44,9 @@ def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.C
         "loop": "asyncio",
         # On SIGTERM: stop accepting, let calls in flight finish for up to this long.
         "timeout_graceful_shutdown": settings.shutdown_grace,
+        # Longer than clients keep idle connections in their pools, so a client never reuses
+        # one the proxy is closing at that moment; `proxy.listener` bounds how many idle.
+        "timeout_keep_alive": settings.keepalive_timeout,
         # The proxy's own reading of requests (`proxy.listener`); other apps get uvicorn's.
         "http": app.protocol if isinstance(app, ProxyFirst) else "httptools",
     }
@@ -73,16 +77,35 @@ def run_until_signalled(server: uvicorn.Server, sockets: list[socket.socket] | N
     server.run(sockets=sockets)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket on `host:port` (port 0 picks a free one); OSError if taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def bind(
+    host: str,
+    port: int,
+    *,
+    host_setting: str = "INVOISX_PROXY_HOST",
+    port_setting: str = "INVOISX_PROXY_PORT",
+) -> socket.socket:
+    """A listening-ready TCP socket on `host:port` (port 0 picks a free one).
+
+    Raises `ConfigError` naming `host_setting` or `port_setting`, whichever is at fault, so a
+    start-up that cannot listen stops with one line before anything is logged as started.
+    """
+    if not 0 <= port <= 65535:
+        raise ConfigError(port_setting, f"{port} is not a port (0-65535)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise ConfigError(host_setting, f"cannot resolve {host!r}: {error.strerror}") from None
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
+        sock.bind(address)
+    except OSError as error:
         sock.close()
-        raise
+        # Not this machine's address: the host is wrong; in use or privileged: the port.
+        setting = host_setting if error.errno == errno.EADDRNOTAVAIL else port_setting
+        raise ConfigError(setting, f"cannot listen on {host}:{port}: {error.strerror}") from None
     return sock
 
 

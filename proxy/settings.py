@@ -7,13 +7,25 @@ start-up with one line naming the variable, via `ConfigError`.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from dotenv import dotenv_values
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from proxy.policy import Permission, parse_permissions
@@ -22,7 +34,10 @@ __all__ = [
     "MALAYSIA_TIME",
     "ConfigError",
     "Settings",
+    "UnknownVariable",
+    "find_unknown_variables",
     "is_loopback",
+    "known_variables",
     "load_settings",
     "parse_expiry",
 ]
@@ -62,6 +77,15 @@ def parse_expiry(value: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=MALAYSIA_TIME)
 
 
+@dataclass(frozen=True, slots=True)
+class UnknownVariable:
+    """An `INVOISX_*` variable that names no setting, and the setting it most likely meant."""
+
+    name: str
+    source: str
+    closest: str | None
+
+
 class Settings(BaseSettings):
     """Every setting of the proxy, from `INVOISX_*` environment variables or `.env`."""
 
@@ -96,6 +120,12 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         32_768, validation_alias="INVOISX_PROXY_MAX_HEADER_BYTES", ge=1024
     )
+    keepalive_timeout: float = Field(
+        120.0, validation_alias="INVOISX_PROXY_KEEPALIVE_TIMEOUT", gt=0, le=3600
+    )
+    max_idle_connections: int = Field(
+        1000, validation_alias="INVOISX_PROXY_MAX_IDLE_CONNECTIONS", ge=1, le=1_000_000
+    )
     expiry_warning_days: int = Field(
         30, validation_alias="INVOISX_TOKEN_EXPIRY_WARNING_DAYS", ge=0, le=3650
     )
@@ -117,6 +147,19 @@ class Settings(BaseSettings):
     idempotency_max_bytes: int = Field(
         67_108_864, validation_alias="INVOISX_IDEMPOTENCY_MAX_BYTES", ge=0
     )
+
+    # What `load_settings` found in the environment that no setting reads (start-up warns).
+    _unknown: tuple[UnknownVariable, ...] = PrivateAttr(default=())
+
+    @property
+    def unknown_variables(self) -> tuple[UnknownVariable, ...]:
+        """The `INVOISX_*` variables set that no setting reads, each with its likely meaning."""
+        return self._unknown
+
+    @property
+    def permissions_defaulted(self) -> bool:
+        """True when INVOISX_TOKEN_PERMISSIONS was not set and the token runs read-only."""
+        return "token_permissions" not in self.model_fields_set
 
     @field_validator("token_permissions", mode="before")
     @classmethod
@@ -183,6 +226,33 @@ class Settings(BaseSettings):
         return self
 
 
+def known_variables() -> frozenset[str]:
+    """Every variable name the settings read."""
+    return frozenset(str(field.validation_alias) for field in Settings.model_fields.values())
+
+
+def find_unknown_variables(
+    environ: Mapping[str, str], env_file: str | None
+) -> tuple[UnknownVariable, ...]:
+    """The `INVOISX_*` names in `environ` and `env_file` that no setting reads.
+
+    A typo such as INVOISX_TOKEN_PERMISSION would otherwise be ignored without a word, and
+    the proxy would run with the default it was meant to replace. Values are never read out.
+    """
+    known = known_variables()
+    sources = [("environment", list(environ))]
+    if env_file is not None and Path(env_file).is_file():
+        sources.append((env_file, list(dotenv_values(env_file))))
+    found: list[UnknownVariable] = []
+    for source, names in sources:
+        for name in sorted(names):
+            upper = name.upper()
+            if upper.startswith("INVOISX_") and upper not in known:
+                closest = get_close_matches(upper, known, n=1, cutoff=0.6)
+                found.append(UnknownVariable(name, source, closest[0] if closest else None))
+    return tuple(found)
+
+
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     message = str(first["msg"]).removeprefix("Value error, ")
@@ -196,8 +266,10 @@ def _one_line(error: ValidationError) -> str:
 def load_settings(env_file: str | None = ".env", **overrides: Any) -> Settings:
     """Build settings from the environment, `env_file` and `overrides` (CLI flags win)."""
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        settings = Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as error:
         line = _one_line(error)
         setting, _, message = line.partition(": ")
         raise ConfigError(setting, message) from None
+    settings._unknown = find_unknown_variables(os.environ, env_file)
+    return settings

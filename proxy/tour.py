@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -9,7 +10,9 @@ from typing import Any, TextIO
 
 import httpx
 
-__all__ = ["curl_lines", "run_tour"]
+from proxy.report import audit_options, run_audit
+
+__all__ = ["curl_lines", "print_tour_report", "run_tour"]
 
 BUYER = {"name": "Syarikat Contoh Sdn Bhd", "tin": "C2584563200"}
 LINE = {"description": "E-invoicing consultancy", "quantity": 2, "unitPrice": 150}
@@ -57,8 +60,15 @@ class _Tour:
         return data
 
 
-def _audit_summary(audit_path: Path, token: str) -> tuple[bool, str]:
-    text = audit_path.read_text(encoding="utf-8")
+def _lines_since(audit_path: Path, start: int) -> bytes:
+    # A kept log may hold earlier runs; the tour reports on its own lines only.
+    with audit_path.open("rb") as log:
+        log.seek(start)
+        return log.read()
+
+
+def _audit_summary(audit_path: Path, start: int, token: str) -> tuple[bool, str]:
+    text = _lines_since(audit_path, start).decode("utf-8")
     lines = [json.loads(line) for line in text.splitlines()]
     decisions = Counter(line["decision"] for line in lines if line["event"] == "request")
     counts = ", ".join(f"{count} {name}" for name, count in sorted(decisions.items()))
@@ -66,8 +76,12 @@ def _audit_summary(audit_path: Path, token: str) -> tuple[bool, str]:
     return not leaked, f"audit log: {counts}; the token appears {'IN IT' if leaked else 'nowhere'}"
 
 
-def run_tour(proxy_url: str, sandbox_url: str, audit_path: Path, token: str, out: TextIO) -> bool:
-    """Walk through the proxy, one printed line a step; True when every step went as expected."""
+def run_tour(
+    proxy_url: str, sandbox_url: str, audit_path: Path, token: str, out: TextIO, *, start: int = 0
+) -> bool:
+    """Walk through the proxy, one printed line a step; True when every step went as expected.
+
+    The proxy's audit lines for the tour are those of `audit_path` from byte `start` on."""
     tour = _Tour(out)
     tour.say(f"Tour: every call below goes to {proxy_url}/api/v1 and carries no token.")
     with httpx.Client(base_url=f"{proxy_url}/api/v1", timeout=10) as api:
@@ -89,10 +103,17 @@ def run_tour(proxy_url: str, sandbox_url: str, audit_path: Path, token: str, out
         # What the proxy spares its clients: without Accept, Laravel answers with a redirect.
         bare = direct.get(f"{sandbox_url}/buyers")
         tour.step(bare, 302, "InvoisX without the proxy: a redirect")
-    clean, summary = _audit_summary(audit_path, token)
+    clean, summary = _audit_summary(audit_path, start, token)
     tour.failures += not clean
     tour.say(f"  {'ok  ' if clean else 'FAIL'} {summary}")
     passed = tour.failures == 0
     tour.say(f"Tour {'passed' if passed else 'FAILED'}: {tour.steps} calls, "
              f"{tour.failures} not as expected.")  # fmt: skip
     return passed
+
+
+def print_tour_report(audit_path: Path, start: int, out: TextIO) -> None:
+    """Print `invoisx-proxy audit`'s report on the tour's lines (`audit_path` from `start`)."""
+    print("\nWhat `invoisx-proxy audit LOG` reports on the tour's calls:\n", file=out, flush=True)
+    own_lines = io.BytesIO(_lines_since(audit_path, start))
+    run_audit([], audit_options(), stdin=own_lines, stdout=out)

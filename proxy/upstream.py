@@ -22,6 +22,9 @@ may have closed it while it sat idle, so the caller may send a safe request agai
 from __future__ import annotations
 
 import asyncio
+import errno
+import re
+import socket
 import ssl
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ __all__ = [
     "Stalled",
     "Unreachable",
     "UpstreamError",
+    "connect_failure",
 ]
 
 # Response bytes held for a client that reads slower than InvoisX sends, before reading pauses.
@@ -52,7 +56,11 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class UpstreamError(Exception):
-    """The exchange with InvoisX failed; the forward stage turns this into 502 or 504."""
+    """The exchange with InvoisX failed; the forward stage turns this into 502 or 504.
+
+    Its text is one sentence for the client saying what went wrong. It names neither
+    InvoisX's address nor anything InvoisX sent, which could carry the token.
+    """
 
 
 class Unreachable(UpstreamError):
@@ -181,7 +189,7 @@ class Connection(asyncio.Protocol):
             raise self._error
         if not self.is_open:
             # A failed write closes the transport at once; connection_lost comes a turn later.
-            raise Broken("the connection to InvoisX closed during the upload")
+            raise Broken("The connection to InvoisX broke while the request body was being sent.")
 
     async def response_head(self) -> None:
         """Wait for the answer's status line and headers (`status`, `headers`)."""
@@ -206,9 +214,28 @@ class Connection(asyncio.Protocol):
             self._transport.resume_reading()
         return data
 
-    def time_out(self) -> None:
-        """Give up on the exchange: whoever waits on it gets `Stalled`."""
-        self._fail(Stalled())
+    def time_out(self, seconds: float) -> None:
+        """Give up on the exchange after `seconds` of silence: whoever waits on it gets
+        `Stalled`, saying what InvoisX had not done."""
+        if not self._sent:
+            what = "InvoisX stopped taking the request body for"
+        elif not self._head_bytes:
+            what = "InvoisX did not answer within"
+        elif not self.head_in:
+            what = "InvoisX's response headers stalled for"
+        else:
+            what = "InvoisX's answer stalled for"
+        self._fail(Stalled(f"{what} {seconds:g} s (INVOISX_PROXY_UPSTREAM_TIMEOUT)."))
+
+    def headers_overdue(self, seconds: float) -> None:
+        """Give up on an answer whose headers are not all in after `seconds`, though bytes
+        keep coming (each restarts the silence of `time_out`)."""
+        self._fail(
+            Stalled(
+                f"InvoisX's response headers were not complete within {seconds:g} s "
+                "(three times INVOISX_PROXY_UPSTREAM_TIMEOUT)."
+            )
+        )
 
     @property
     def reusable(self) -> bool:
@@ -304,20 +331,25 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(Broken("InvoisX switched protocols"))
+            self._fail(Broken("InvoisX answered by switching to another protocol."))
         except httptools.HttpParserError as error:
             if self.complete:
                 self._tainted = True
             else:
-                self._fail(Broken(f"InvoisX's answer is not valid HTTP/1.1 ({error})"))
+                self._fail(Broken(_not_http(error, head_in=self.head_in)))
         if in_head:
             if not self.head_in and self._head_bytes > _MAX_HEADER_BYTES:
-                self._fail(Broken("InvoisX's response headers are too large"))
+                self._fail(Broken(_TOO_LARGE_HEADERS))
         elif self._buffered == buffered:
             # Every byte counts as progress, so no timeout ends a trailer that never does.
             self._framing_bytes += len(data)
             if self._framing_bytes > _MAX_HEADER_BYTES:
-                self._fail(Broken("InvoisX's chunk framing or trailers are too large"))
+                self._fail(
+                    Broken(
+                        "InvoisX's chunk framing or trailers ran over "
+                        f"{_MAX_HEADER_BYTES // 1024} KiB without body bytes."
+                    )
+                )
         else:
             self._framing_bytes = 0
 
@@ -330,9 +362,12 @@ class Connection(asyncio.Protocol):
             if self.head_in and self._ends_at_close(exc):
                 self.complete = True
             elif self._reused and not self._head_bytes:
-                self._error = Dropped("InvoisX closed the kept-alive connection before answering")
+                self._error = Dropped(
+                    f"{_ended(exc)} before any answer (a kept-alive connection, which "
+                    "InvoisX may have timed out just as the request arrived)."
+                )
             else:
-                self._error = Broken("InvoisX closed the connection before its answer ended")
+                self._error = Broken(f"{_ended(exc)} {self._cut_where()}.")
         self._busy = False
         self._write_paused = False
         self._wake()
@@ -356,7 +391,7 @@ class Connection(asyncio.Protocol):
             return
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
-            self._fail(Broken("InvoisX's response headers are too large"))
+            self._fail(Broken(_TOO_LARGE_HEADERS))
             return
         name = name.lower()
         if name == b"transfer-encoding":
@@ -376,14 +411,18 @@ class Connection(asyncio.Protocol):
             return
         if not 200 <= status < 600:
             # The parser takes any three digits; uvicorn has no status line for these.
-            self._fail(Broken(f"InvoisX answered with status {status}, which HTTP does not have"))
+            self._fail(Broken(f"InvoisX answered with status {status}, which HTTP does not have."))
             return
         coding = self._coding
         if coding is not None and coding.strip(b" \t").lower() != b"chunked":
             # InvoisX frames with Content-Length or chunked. Another coding can be neither
-            # undone here nor passed on, the client's hop being framed by its own server.
+            # undone here nor passed on, the client's hop being framed by its own server. The
+            # coding is not named: it is InvoisX's bytes (see `UpstreamError`).
             self._fail(
-                Broken(f"InvoisX's answer has a transfer coding other than chunked: {coding!r}")
+                Broken(
+                    "InvoisX's answer has a Transfer-Encoding other than chunked, which the "
+                    "proxy can neither decode nor pass on."
+                )
             )
             return
         self.status = status
@@ -415,6 +454,16 @@ class Connection(asyncio.Protocol):
         self.complete = True
         self._keep_alive = self._parser.should_keep_alive()
         self._wake()
+
+    def _cut_where(self) -> str:
+        """Where in the exchange a connection that ended early was, for the client."""
+        if self.head_in:
+            return "in the middle of the answer"
+        if self._head_bytes:
+            return "in the middle of the response headers"
+        if not self._sent:
+            return "before the whole request was sent"
+        return "before any answer"
 
     def _ends_at_close(self, exc: Exception | None) -> bool:
         """Whether a closed connection is the proper end of the answer: one with neither length
@@ -506,7 +555,12 @@ class Pool:
         while self._waiters and self._waiters[0][0] <= now:
             _, turn = self._waiters.popleft()
             if not turn.done():
-                turn.set_exception(Unreachable("every connection to InvoisX stayed busy"))
+                turn.set_exception(
+                    Unreachable(
+                        f"No connection to InvoisX came free within {self._connect_timeout:g} s: "
+                        f"all {self._limit} (INVOISX_PROXY_MAX_UPSTREAM_CONNECTIONS) stayed busy."
+                    )
+                )
 
     async def _wait_turn(self) -> float:
         """Wait for a freed turn; the seconds waited."""
@@ -559,6 +613,60 @@ class Pool:
                     ssl=self._ssl,
                     server_hostname=origin.host if self._ssl else None,
                 )
-        except (OSError, TimeoutError) as error:  # ssl.SSLError is an OSError too
-            raise Unreachable(f"cannot connect to {origin.host}:{origin.port}") from error
+        except TimeoutError as error:  # before OSError, of which it is one
+            raise Unreachable(
+                f"InvoisX could not be reached: no connection within {self._connect_timeout:g} s "
+                "(INVOISX_PROXY_UPSTREAM_TIMEOUT)."
+            ) from error
+        except OSError as error:  # ssl.SSLError is an OSError too
+            raise Unreachable(connect_failure(error)) from error
         return connection
+
+
+_TOO_LARGE_HEADERS = f"InvoisX's response headers ran over {_MAX_HEADER_BYTES // 1024} KiB."
+
+
+def connect_failure(error: OSError) -> str:
+    """What the client is told when no connection to InvoisX could be opened."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        reason = "its TLS certificate could not be verified"
+    elif isinstance(error, ssl.SSLError):
+        reason = "the TLS handshake failed"
+    elif isinstance(error, socket.gaierror):
+        reason = "its host name could not be resolved"
+    elif isinstance(error, ConnectionRefusedError) or _refused_everywhere(str(error)):
+        reason = "the connection was refused"
+    elif error.strerror:
+        reason = f"the connection failed ({error.strerror})"
+    else:
+        reason = "the connection failed"
+    return f"InvoisX could not be reached: {reason}."
+
+
+def _refused_everywhere(text: str) -> bool:
+    # With several addresses (localhost: ::1 and 127.0.0.1), asyncio raises a plain OSError
+    # whose text lists each address's failure.
+    errnos = set(re.findall(r"\[Errno (\d+)\]", text))
+    return errnos == {str(errno.ECONNREFUSED)}
+
+
+def _ended(exc: Exception | None) -> str:
+    """How a connection to InvoisX ended, as the start of a sentence: a clean close is
+    InvoisX's doing; a reset may be InvoisX's or the network's."""
+    return "InvoisX closed the connection" if exc is None else "The connection to InvoisX was reset"
+
+
+def _not_http(error: httptools.HttpParserError, *, head_in: bool) -> str:
+    """What was wrong with an answer the parser refused; llhttp's reasons are fixed texts,
+    never InvoisX's bytes."""
+    text = str(error)[:80]
+    reason = text[:1].lower() + text[1:]
+    if head_in:
+        return f"InvoisX's answer broke its chunked framing ({reason})."
+    if reason.startswith("expected HTTP/"):
+        return "InvoisX answered with something that is not HTTP."
+    if isinstance(error, httptools.HttpParserInvalidStatusError) or any(
+        word in reason for word in ("status", "version", "response line")
+    ):
+        return f"InvoisX's answer has an invalid status line ({reason})."
+    return f"InvoisX's answer has invalid headers ({reason})."

@@ -5,12 +5,16 @@ server can mix faults across concurrent requests on pooled connections. Kinds:
 
 - `ok`: a small JSON answer, and the connection stays open for the next request;
 - `reset`: read the request, then reset the connection (SO_LINGER 0) before any answer;
+- `close`: read the request, then close the connection (FIN) before any answer;
+- `cut-head`: the status line and part of a header, then close;
 - `reset-mid-body`: send the headers and part of the advertised body, then reset;
 - `slow`: never answer; wait until the proxy gives up and closes;
 - `trickle-headers`: the status line, then header bytes one every 0.1 s, forever;
 - `longer`: more body than Content-Length says: a whole second response smuggled behind it;
 - `shorter`: less body than Content-Length says, then close;
 - `garbage`: bytes that are not HTTP, then close;
+- `bad-status`: a status line whose code is not three digits;
+- `bad-chunk`: a chunked answer whose first chunk size is not hexadecimal;
 - `stream`: a chunked body, a chunk every 20 ms, until the proxy closes;
 - `endless-trailer`: a chunked body, then a trailer field that never ends (32 MB at most);
 - `status-777`: a status line with a status HTTP does not have;
@@ -173,6 +177,19 @@ async def _reset_before_response(
     return False
 
 
+async def _close_before_response(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> bool:
+    writer.close()
+    return False
+
+
+async def _cut_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: appli")
+    await writer.drain()
+    return False
+
+
 async def _reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     writer.write(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
@@ -233,6 +250,23 @@ async def _shorter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 
 async def _garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     writer.write(b"\x00\xffSSH-2.0-OpenSSH_9.6\r\n\x16\x03\x01 not http at all\r\n\r\n")
+    await writer.drain()
+    return False
+
+
+async def _bad_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(
+        b"HTTP/1.1 2OO OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    await writer.drain()
+    return False
+
+
+async def _bad_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\nzz\r\n{}\r\n0\r\n\r\n"
+    )
     await writer.drain()
     return False
 
@@ -307,12 +341,16 @@ _HANG_UP_NEXT: dict[str, Callable[[asyncio.StreamWriter], None]] = {
 FAULTS: dict[str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]] = {
     "ok": _ok,
     "reset": _reset_before_response,
+    "close": _close_before_response,
+    "cut-head": _cut_head,
     "reset-mid-body": _reset_mid_body,
     "slow": _slow,
     "trickle-headers": _trickle_headers,
     "longer": _longer,
     "shorter": _shorter,
     "garbage": _garbage,
+    "bad-status": _bad_status,
+    "bad-chunk": _bad_chunk,
     "stream": _stream,
     "endless-trailer": _endless_trailer,
     "status-777": _status_777,

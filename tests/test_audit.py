@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -9,7 +10,7 @@ from datetime import datetime
 import httpx
 
 from proxy.credentials import fingerprint
-from tests.conftest import TOKEN, Recorder, Reply, RunningProxy
+from tests.conftest import TOKEN, ProxyProcess, Recorder, Reply, RunningProxy
 
 Upstream = tuple[Recorder, str]
 
@@ -135,3 +136,19 @@ def test_startup_and_shutdown_are_logged_as_json(
     startup = proxy.log_lines()[0]
     assert startup["token_fingerprint"] == fingerprint(TOKEN)
     assert startup["upstream"] == recorder[1]
+
+
+def test_uvicorns_lines_have_the_audit_lines_shape(
+    recorder: Upstream, spawn_proxy: Callable[..., ProxyProcess]
+) -> None:
+    proxy = spawn_proxy(INVOISX_API_TOKEN=TOKEN, INVOISX_API_URL=recorder[1])
+    assert httpx.get(f"{proxy.url}/api/v1/buyers").status_code == 200
+    proxy.wait_for("request")
+    assert proxy.stop() == 0
+    lines = proxy.output_path.read_text().splitlines()
+    for line in lines:
+        assert line.startswith('{"timestamp":'), line
+        assert list(json.loads(line))[:3] == ["timestamp", "level", "event"], line
+    uvicorn_lines = [json.loads(line) for line in lines if '"logger":"uvicorn.error"' in line]
+    assert "Application startup complete." in [line["event"] for line in uvicorn_lines]
+    assert {"request", "startup", "shutdown"} <= {json.loads(line)["event"] for line in lines}

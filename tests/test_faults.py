@@ -2,15 +2,18 @@
 
 InvoisX is played by `tests.faulty.FaultServer`, a raw asyncio TCP server: it refuses, resets,
 stalls, trickles, lies about Content-Length or speaks garbage. For each fault the client must
-see the documented envelope (502 UPSTREAM_UNAVAILABLE, 504 UPSTREAM_TIMEOUT) or, once the
-response has started, a connection closed before the body is complete; and the audit line
-must say `upstream_error`. Then a few thousand mixed faults at once must leave the proxy with
-the file descriptors and asyncio tasks it had before.
+see the documented envelope (502 UPSTREAM_UNAVAILABLE, 504 UPSTREAM_TIMEOUT) with a message
+saying what happened or, once the response has started, a connection closed before the body
+is complete; and the audit line must say `upstream_error`. A client that stalls or cuts its
+own upload short is not InvoisX's failure: 408 CLIENT_TIMEOUT, 400 CLIENT_BODY_INCOMPLETE.
+Then a few thousand mixed faults at once must leave the proxy with the file descriptors and
+asyncio tasks it had before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -75,16 +78,37 @@ def _get(proxy: RunningProxy, kind: str, request_id: str, method: str = "GET") -
     )
 
 
-def _assert_envelope(response: httpx.Response, error_code: str) -> None:
+def _assert_envelope(response: httpx.Response, error_code: str, message: str) -> None:
+    """The documented envelope, with the message that says what went wrong (or, for a
+    message ending in "(", one starting so: the rest is the HTTP parser's reason)."""
     body = response.json()
-    assert body == {
-        "success": False,
-        "message": body["message"],
-        "error_code": error_code,
-    }
-    assert isinstance(body["message"], str)
+    if message.endswith("("):
+        assert body["message"].startswith(message), body
+        message = body["message"]
+    assert body == {"success": False, "message": message, "error_code": error_code}
     assert response.status_code == PROXY_ERRORS[error_code]
     assert response.headers["x-request-id"]
+
+
+def _requests_counted(proxy: RunningProxy, **labels: str) -> float:
+    """`invoisx_proxy_requests_total` summed over the series with these labels."""
+    wanted = [f'{name}="{value}"' for name, value in labels.items()]
+    total = 0.0
+    for line in httpx.get(f"{proxy.url}/metrics").text.splitlines():
+        if line.startswith("invoisx_proxy_requests_total{") and all(w in line for w in wanted):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+REFUSED = "InvoisX could not be reached: the connection was refused."
+RESET = "The connection to InvoisX was reset before any answer."
+NOT_HTTP = "InvoisX answered with something that is not HTTP."
+NOT_PASSED_ON = {
+    "status-777": "InvoisX answered with status 777, which HTTP does not have.",
+    "gzip-chunked": "InvoisX's answer has a Transfer-Encoding other than chunked, which the "
+    "proxy can neither decode nor pass on.",
+}
+NOT_PASSED_ON["gzip-until-close"] = NOT_PASSED_ON["gzip-chunked"]
 
 
 def _assert_still_serving(proxy: RunningProxy) -> None:
@@ -111,7 +135,7 @@ def test_connection_refused_is_502(start_proxy: Callable[..., RunningProxy]) -> 
     proxy = start_proxy(f"http://127.0.0.1:{free_port()}/api/v1", upstream_timeout=TIMEOUT)
     for method in ("GET", "POST"):
         response = _get(proxy, "ok", f"refused-{method}", method)
-        _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
+        _assert_envelope(response, "UPSTREAM_UNAVAILABLE", REFUSED)
         line = _audit(proxy, f"refused-{method}")
         assert (line["status"], line["decision"]) == (502, "upstream_error")
     assert httpx.get(f"{proxy.url}/healthz").status_code == 200
@@ -123,7 +147,16 @@ def test_reset_before_the_response_is_502(
 ) -> None:
     _assert_still_serving(faulty_proxy)  # leaves a pooled connection for the next call
     response = _get(faulty_proxy, "reset", "reset", method)
-    _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
+    if method == "GET":  # sent again on a new connection, which is reset too
+        _assert_envelope(response, "UPSTREAM_UNAVAILABLE", RESET)
+    else:
+        _assert_envelope(
+            response,
+            "UPSTREAM_UNAVAILABLE",
+            "The connection to InvoisX was reset before any answer (a kept-alive connection, "
+            "which InvoisX may have timed out just as the request arrived). The call was not "
+            "sent again: InvoisX may have read it before closing.",
+        )
     line = _audit(faulty_proxy, "reset")
     assert (line["status"], line["decision"], line["error_code"]) == (
         502,
@@ -151,7 +184,11 @@ def test_an_answer_slower_than_the_timeout_is_504(
     started = time.monotonic()
     response = _get(faulty_proxy, "slow", "slow")
     assert time.monotonic() - started < TIMEOUT + 1
-    _assert_envelope(response, "UPSTREAM_TIMEOUT")
+    _assert_envelope(
+        response,
+        "UPSTREAM_TIMEOUT",
+        "InvoisX did not answer within 0.3 s (INVOISX_PROXY_UPSTREAM_TIMEOUT).",
+    )
     line = _audit(faulty_proxy, "slow")
     assert (line["status"], line["decision"]) == (504, "upstream_error")
     # The proxy hung up on InvoisX too, rather than leaving the call running there.
@@ -170,7 +207,12 @@ def test_headers_that_never_end_are_504(faulty_proxy: RunningProxy) -> None:
     finally:
         elapsed = time.monotonic() - started
     assert elapsed < 10 * TIMEOUT
-    _assert_envelope(response, "UPSTREAM_TIMEOUT")
+    _assert_envelope(
+        response,
+        "UPSTREAM_TIMEOUT",
+        "InvoisX's response headers were not complete within 0.9 s "
+        "(three times INVOISX_PROXY_UPSTREAM_TIMEOUT).",
+    )
     line = _audit(faulty_proxy, "trickle")
     assert (line["status"], line["decision"]) == (504, "upstream_error")
 
@@ -203,12 +245,30 @@ def test_a_body_shorter_than_advertised_closes_the_client_connection(
     _assert_still_serving(faulty_proxy)
 
 
-def test_garbage_instead_of_http_is_502(faulty_proxy: RunningProxy) -> None:
-    response = _get(faulty_proxy, "garbage", "garbage")
-    _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
-    line = _audit(faulty_proxy, "garbage")
-    assert (line["status"], line["decision"]) == (502, "upstream_error")
-    _assert_still_serving(faulty_proxy)
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("garbage", NOT_HTTP),
+        ("bad-status", "InvoisX's answer has an invalid status line ("),
+        ("close", "InvoisX closed the connection before any answer."),
+        ("reset", RESET),
+        ("cut-head", "InvoisX closed the connection in the middle of the response headers."),
+    ],
+)
+def test_an_answer_that_is_not_http_or_never_comes_says_which_is_502(
+    fault: FaultServer, start_proxy: Callable[..., RunningProxy], kind: str, message: str
+) -> None:
+    # A proxy of its own: no pooled connection, so the first attempt is on a new one.
+    proxy = start_proxy(f"http://127.0.0.1:{fault.port}/api/v1", upstream_timeout=TIMEOUT)
+    response = _get(proxy, kind, kind)
+    _assert_envelope(response, "UPSTREAM_UNAVAILABLE", message)
+    line = _audit(proxy, kind)
+    assert (line["status"], line["decision"], line["error_code"]) == (
+        502,
+        "upstream_error",
+        "UPSTREAM_UNAVAILABLE",
+    )
+    _assert_still_serving(proxy)
 
 
 @pytest.mark.parametrize("kind", ["status-777", "gzip-chunked", "gzip-until-close"])
@@ -216,7 +276,7 @@ def test_an_answer_the_proxy_cannot_pass_on_truthfully_is_502(
     faulty_proxy: RunningProxy, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     response = _get(faulty_proxy, kind, kind)
-    _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
+    _assert_envelope(response, "UPSTREAM_UNAVAILABLE", NOT_PASSED_ON[kind])
     line = _audit(faulty_proxy, kind)
     assert (line["status"], line["decision"]) == (502, "upstream_error")
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
@@ -253,7 +313,17 @@ def test_a_kept_alive_connection_closed_as_a_request_arrives_is_retried_if_safe(
 
     assert httpx.get(f"{url}/{kind}").status_code == 200  # the newest pooled one again
     response = _get(proxy, "ok", "unsafe", "POST")
-    _assert_envelope(response, "UPSTREAM_UNAVAILABLE")
+    ended = {
+        "close-next": "InvoisX closed the connection",
+        "reset-next": "The connection to InvoisX was reset",
+    }[kind]
+    _assert_envelope(
+        response,
+        "UPSTREAM_UNAVAILABLE",
+        f"{ended} before any answer (a kept-alive connection, which InvoisX may have timed "
+        "out just as the request arrived). The call was not sent again: InvoisX may have read "
+        "it before closing.",
+    )
     # InvoisX read it before hanging up and may act on it: it is not sent twice.
     assert (fault.requests["ok (hung up)"], fault.requests["ok"]) == (2, 1)
     assert _audit(proxy, "unsafe")["retries"] == 0
@@ -270,14 +340,147 @@ def test_a_client_leaving_mid_upload_stops_the_upload(
         time.sleep(0.05)
     line = _audit(faulty_proxy, "upload")
     assert (line["status"], line["decision"], line["error_code"]) == (
-        499,
-        "upstream_error",
-        "CLIENT_DISCONNECTED",
+        400,
+        "invalid",
+        "CLIENT_BODY_INCOMPLETE",
     )
     # InvoisX saw an incomplete request, which it cannot act on.
     _wait_for(lambda: fault.incomplete_uploads == 1)
     assert fault.requests["ok"] == 0
     _assert_still_serving(faulty_proxy)
+
+
+def _send_part_of_a_body(
+    proxy: RunningProxy, request_id: str, framing: str, key: bool
+) -> socket.socket:
+    """A client that sends a head and 10 bytes of the body it promised, then nothing."""
+    conn = socket.create_connection(("127.0.0.1", _port(proxy)))
+    head = f"POST /api/v1/fault/ok HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: {request_id}\r\n"
+    if key:
+        head += f"Idempotency-Key: {request_id}\r\n"
+    if framing == "content-length":
+        conn.sendall(f"{head}Content-Length: 100\r\n\r\n0123456789".encode())
+    else:  # one chunk, and never the last
+        conn.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n".encode())
+    return conn
+
+
+def _read_to_the_end(conn: socket.socket) -> bytes:
+    conn.settimeout(10)
+    raw = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := conn.recv(65536):
+            raw += chunk
+    return raw
+
+
+_FRAMINGS = ["content-length", "chunked"]
+# How the call's body reaches the proxy: streamed on to InvoisX as it arrives, or read whole
+# first (a call with an Idempotency-Key).
+_READS = {"streamed": False, "read-whole": True}
+
+
+@pytest.mark.parametrize("framing", _FRAMINGS)
+@pytest.mark.parametrize("read", list(_READS))
+def test_a_client_stalling_mid_body_gets_408_not_504(
+    fault: FaultServer,
+    start_proxy: Callable[..., RunningProxy],
+    framing: str,
+    read: str,
+) -> None:
+    # The client timeout is over three upstream timeouts: the header deadline, were it
+    # running, would blame InvoisX first.
+    proxy = start_proxy(
+        f"http://127.0.0.1:{fault.port}/api/v1", upstream_timeout=TIMEOUT, client_timeout=1
+    )
+    started = time.monotonic()
+    with _send_part_of_a_body(proxy, f"stall-{read}", framing, _READS[read]) as conn:
+        raw = _read_to_the_end(conn)
+    assert 1 <= time.monotonic() - started < 3
+    response = parse_response(raw)
+    of = " of 100" if framing == "content-length" else ""
+    assert assert_proxy_error(response) == {
+        "success": False,
+        "message": f"The request body stopped arriving: nothing for 1 s "
+        f"(INVOISX_PROXY_CLIENT_TIMEOUT) after 10{of} bytes, so InvoisX never got the whole "
+        "request.",
+        "error_code": "CLIENT_TIMEOUT",
+    }
+    line = _audit(proxy, f"stall-{read}")
+    assert (line["status"], line["decision"], line["error_code"], line["bytes_in"]) == (
+        408,
+        "invalid",
+        "CLIENT_TIMEOUT",
+        10,
+    )
+    assert _requests_counted(proxy, status="408", decision="invalid") == 1
+    assert _requests_counted(proxy, decision="upstream_error") == 0
+    assert fault.requests["ok"] == 0
+
+
+@pytest.mark.parametrize("framing", _FRAMINGS)
+@pytest.mark.parametrize("read", list(_READS))
+@pytest.mark.parametrize("how", ["close", "half-close"])
+def test_a_body_the_client_cut_short_is_400_body_incomplete(
+    fault: FaultServer,
+    start_proxy: Callable[..., RunningProxy],
+    framing: str,
+    read: str,
+    how: str,
+) -> None:
+    proxy = start_proxy(
+        f"http://127.0.0.1:{fault.port}/api/v1", upstream_timeout=TIMEOUT, client_timeout=5
+    )
+    request_id = f"cut-{how}-{read}"
+    conn = _send_part_of_a_body(proxy, request_id, framing, _READS[read])
+    with conn:
+        time.sleep(0.2)  # the call is under way, its body partly read
+        if how == "close":
+            conn.close()
+        else:
+            conn.shutdown(socket.SHUT_WR)
+            raw = _read_to_the_end(conn)
+            # uvicorn closes a connection whose client has stopped sending, so there is nobody
+            # to answer; should it ever keep it open, the answer must be this one.
+            if raw:
+                body = assert_proxy_error(parse_response(raw))
+                assert body is not None and body["error_code"] == "CLIENT_BODY_INCOMPLETE"
+    line = _audit(proxy, request_id)
+    assert (line["status"], line["decision"], line["error_code"], line["bytes_in"]) == (
+        400,
+        "invalid",
+        "CLIENT_BODY_INCOMPLETE",
+        10,
+    )
+    assert _requests_counted(proxy, status="400", decision="invalid") == 1
+    assert _requests_counted(proxy, decision="upstream_error") == 0
+    if not _READS[read]:  # InvoisX got part of it, which it cannot act on
+        _wait_for(lambda: fault.incomplete_uploads == 1)
+    assert fault.requests["ok"] == 0
+    _assert_still_serving(proxy)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("shorter", "InvoisX closed the connection in the middle of the answer."),
+        ("reset-mid-body", "The connection to InvoisX was reset in the middle of the answer."),
+        ("bad-chunk", "InvoisX's answer broke its chunked framing ("),
+    ],
+)
+def test_an_answer_kept_for_an_idempotency_key_that_breaks_says_how(
+    faulty_proxy: RunningProxy, kind: str, message: str
+) -> None:
+    # Such an answer is read whole before any of it goes out, so the client gets the envelope.
+    response = httpx.post(
+        f"{faulty_proxy.url}/api/v1/fault/{kind}",
+        headers={"x-request-id": kind, "idempotency-key": kind},
+        content=b"{}",
+        timeout=10,
+    )
+    _assert_envelope(response, "UPSTREAM_UNAVAILABLE", message)
+    line = _audit(faulty_proxy, kind)
+    assert (line["status"], line["decision"]) == (502, "upstream_error")
 
 
 def test_a_client_pausing_mid_upload_is_not_blamed_on_invoisx(
@@ -523,3 +726,16 @@ def test_raw_helpers_parse_what_they_should() -> None:
     assert parse_response(chunked).body == b"abc"
     with pytest.raises(ValueError):
         parse_response(b"\x00garbage")
+
+
+def test_chunk_framing_that_breaks_mid_answer_closes_the_client_connection(
+    faulty_proxy: RunningProxy,
+) -> None:
+    assert _truncated(faulty_proxy, "bad-chunk", "bad-chunk") == 200
+    line = _audit(faulty_proxy, "bad-chunk")
+    assert (line["status"], line["decision"], line["error_code"]) == (
+        200,
+        "upstream_error",
+        "UPSTREAM_UNAVAILABLE",
+    )
+    _assert_still_serving(faulty_proxy)

@@ -181,7 +181,7 @@ def test_no_compression_or_client_identity_the_client_did_not_ask_for(
 ) -> None:
     stand_in, _ = recorder
     host_port = proxy.url.removeprefix("http://")
-    with socket.create_connection(host_port.split(":")) as raw:
+    with socket.create_connection(_address(host_port)) as raw:
         raw.sendall(
             b"GET /api/v1/buyers HTTP/1.1\r\nHost: "
             + host_port.encode()
@@ -206,7 +206,7 @@ def test_several_megabytes_both_ways_byte_exact(proxy: RunningProxy, recorder: U
         chunks=[download[i : i + 65536] for i in range(0, len(download), 65536)],
     )
 
-    def chunks() -> object:
+    def chunks() -> Iterator[bytes]:
         for i in range(0, len(upload), 100_000):
             yield upload[i : i + 100_000]
 
@@ -253,7 +253,7 @@ def test_chunked_body_over_limit_is_refused(recorder: Upstream, start_proxy: obj
     stand_in, upstream = recorder
     proxy = start_proxy(upstream, max_body_bytes=100_000)  # type: ignore[operator]
 
-    def chunks() -> object:
+    def chunks() -> Iterator[bytes]:
         for _ in range(30):
             yield b"y" * 10_000
 
@@ -273,7 +273,7 @@ def test_upstream_down_is_502(start_proxy: object) -> None:
     assert response.status_code == 502
     assert response.json() == {
         "success": False,
-        "message": "InvoisX could not be reached. Try again shortly.",
+        "message": "InvoisX could not be reached: the connection was refused.",
         "error_code": "UPSTREAM_UNAVAILABLE",
     }
     assert response.headers["x-request-id"]
@@ -313,7 +313,7 @@ def test_upstream_reset_mid_body_closes_client_connection(
 ) -> None:
     stand_in, _ = recorder
 
-    def broken() -> object:
+    def broken() -> Iterator[bytes]:
         yield b'{"success":true,'
         raise RuntimeError("stand-in dies mid-body")
 
@@ -376,7 +376,7 @@ def test_header_values_pass_as_utf8_or_are_refused(proxy: RunningProxy, recorder
     stand_in, _ = recorder
     host_port = proxy.url.removeprefix("http://")
     for value, status in ((b"caf\xc3\xa9", b"200"), (b"caf\xe9", b"400")):
-        with socket.create_connection(host_port.split(":")) as raw:
+        with socket.create_connection(_address(host_port)) as raw:
             raw.sendall(
                 b"GET /api/v1/buyers HTTP/1.1\r\nHost: "
                 + host_port.encode()
@@ -404,7 +404,12 @@ def test_upstream_that_stops_reading_an_upload_times_out(
         response = httpx.post(f"{proxy.url}/api/v1/buyers", content=b"x" * 8_000_000, timeout=10)
         elapsed = time.monotonic() - started
     assert response.status_code == 504
-    assert response.json()["error_code"] == "UPSTREAM_TIMEOUT"
+    assert response.json() == {
+        "success": False,
+        "message": "InvoisX stopped taking the request body for 0.5 s "
+        "(INVOISX_PROXY_UPSTREAM_TIMEOUT).",
+        "error_code": "UPSTREAM_TIMEOUT",
+    }
     assert elapsed < 5
     assert proxy.last_audit()["decision"] == "upstream_error"
 
@@ -601,6 +606,11 @@ def test_a_client_leaving_while_its_call_waits_for_a_connection_frees_its_turn(
     )
     assert after.status_code == 200
     assert (stand_in.calls, stand_in.peak) == (2, 1)  # the call that was left never went out
+
+
+def _address(host_port: str) -> tuple[str, int]:
+    host, port = host_port.split(":")
+    return host, int(port)
 
 
 def _stuck_client(proxy: RunningProxy, request: bytes) -> socket.socket:

@@ -184,7 +184,7 @@ def test_a_client_leaving_mid_body_is_logged_and_keeps_no_key(
             "Content-Length: 1000\r\n\r\n{".encode()
         )
     line = proxy.last_audit()
-    assert (line["status"], line["error_code"]) == (499, "CLIENT_DISCONNECTED")
+    assert (line["status"], line["error_code"]) == (400, "CLIENT_BODY_INCOMPLETE")
     assert "internal_error" not in proxy.log_path.read_text()
     assert recorder[0].requests == []
     assert _post(proxy, "half").status_code == 200  # the key was never claimed

@@ -69,3 +69,10 @@ def test_new_refuses_bad_names_and_permissions() -> None:
         assert result.stdout == ""
         assert result.stderr.startswith(f"invoisx-proxy: keys new: {problem}")
         assert result.stderr.count("\n") == 1
+
+
+def test_hash_takes_a_key_pasted_with_its_bearer_prefix() -> None:
+    expected = key_sha256("ipk_example_key") + "\n"
+    for pasted in ("Bearer ipk_example_key\n", "bearer  ipk_example_key \n"):
+        assert _run("hash", stdin=pasted).stdout == expected
+    assert _run("hash", stdin="Bearer \n").returncode == 2  # a scheme alone is no key

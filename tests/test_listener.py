@@ -7,6 +7,7 @@ real clients whose bytes these are (Java's HttpClient, curl --http2).
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.listener import idle_bound
 from tests.conftest import Recorded, Recorder, Reply, RunningProxy
 from tests.wire import assert_proxy_error, exchange, parse_response
 
@@ -89,7 +91,8 @@ def test_a_body_shorter_than_its_content_length_is_never_forwarded(
     """Independently of the parser: uvicorn's own httptools protocol drops the body of an
     upgrade offer, and the forward stage then refuses what arrived instead of sending it."""
     stand_in, url = recorder
-    proxy = start_proxy(url, server={"http": "httptools"})
+    # Its connections close when idle, so each exchange below reads to the close.
+    proxy = start_proxy(url, server={"http": "httptools"}, keepalive_timeout=0.5)
     offers = [_h2c_post(BODY), _h2c_post(BODY, extra=b"Idempotency-Key: order-1\r\n")]
     for offer in offers:
         _send_in_writes(_port(proxy), [offer + BODY])
@@ -242,7 +245,7 @@ def test_endless_request_trailers_are_cut_off(proxy: RunningProxy, recorder: Ups
     # refusal and the call (its client gone) are audited.
     lines = proxy.audit_lines(at_least=2)
     outcomes = {(line["status"], line["error_code"]) for line in lines}
-    assert outcomes == {(431, "HEADERS_TOO_LARGE"), (499, "CLIENT_DISCONNECTED")}
+    assert outcomes == {(431, "HEADERS_TOO_LARGE"), (400, "CLIENT_BODY_INCOMPLETE")}
     assert recorder[0].incomplete + len(recorder[0].requests) <= 1
     assert httpx.get(f"{proxy.url}/healthz").status_code == 200
 
@@ -286,3 +289,84 @@ def test_many_pipelined_upgrade_offers_are_all_answered(
     raw = _send_in_writes(_port(proxy), [offer * 600 + last])
     assert raw.count(b"HTTP/1.1 200 ") == 601
     assert len(recorder[0].requests) == 601
+
+
+# --- keep-alive ---------------------------------------------------------------------------
+
+GET_BUYERS = b"GET /api/v1/buyers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def _call_on(conn: socket.socket) -> int:
+    """One GET on an open connection, its answer read whole; the answer's status."""
+    conn.sendall(GET_BUYERS)
+    received = b""
+    while True:
+        chunk = conn.recv(65536)
+        assert chunk, "the connection closed before answering"
+        received += chunk
+        if b"\r\n\r\n" in received and (answer := parse_response(received)).complete:
+            return answer.status
+
+
+def _closed_within(conn: socket.socket, seconds: float) -> bool:
+    conn.settimeout(seconds)
+    try:
+        return conn.recv(1) == b""
+    except TimeoutError:
+        return False
+
+
+def _local_port(response: httpx.Response) -> int:
+    stream = response.extensions["network_stream"]
+    return int(stream.get_extra_info("client_addr")[1])
+
+
+def test_an_idle_connection_outlives_a_client_that_waits_retry_after(
+    proxy: RunningProxy,
+) -> None:
+    # A client that keeps idle connections 5 s or more (httpx: 5, .NET: 60, curl: 118) and
+    # comes back after `Retry-After: 5` found uvicorn's default closing it at that moment.
+    with httpx.Client(limits=httpx.Limits(keepalive_expiry=60)) as client:
+        first = client.get(f"{proxy.url}/api/v1/buyers")
+        first_port = _local_port(first)
+        time.sleep(5.5)
+        second = client.get(f"{proxy.url}/api/v1/buyers")
+        assert _local_port(second) == first_port  # the same connection, not a new one
+    assert (first.status_code, second.status_code) == (200, 200)
+
+
+def test_an_idle_connection_closes_after_the_keepalive_timeout(
+    recorder: Upstream, start_proxy: Callable[..., RunningProxy]
+) -> None:
+    proxy = start_proxy(recorder[1], keepalive_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", _port(proxy)), timeout=10) as conn:
+        assert _call_on(conn) == 200
+        assert not _closed_within(conn, 0.3)
+        assert _closed_within(conn, 2)
+
+
+def test_past_the_idle_bound_the_connection_idle_longest_closes(
+    recorder: Upstream, start_proxy: Callable[..., RunningProxy]
+) -> None:
+    proxy = start_proxy(recorder[1], max_idle_connections=2)
+    conns = [socket.create_connection(("127.0.0.1", _port(proxy)), timeout=10) for _ in range(4)]
+    try:
+        for conn in conns[:3]:
+            assert _call_on(conn) == 200
+        assert _closed_within(conns[0], 2)
+        # A connection that never made a call is not idle between calls: it is not counted.
+        assert [_call_on(conn) for conn in conns[1:]] == [200, 200, 200]
+        assert _closed_within(conns[1], 2)  # now the one idle longest of three
+        assert [_call_on(conn) for conn in conns[2:]] == [200, 200]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_the_idle_bound_stays_under_half_the_file_descriptor_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        assert (idle_bound(1000), idle_bound(100)) == (128, 100)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

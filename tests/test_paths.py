@@ -53,6 +53,26 @@ def test_outside_the_api_is_not_found(raw: bytes) -> None:
     assert (caught.value.status, caught.value.error_code) == (404, "NOT_FOUND")
 
 
+NO_RESOURCE = "The path names no resource: add one after /api/v1/, for example /api/v1/buyers."
+OUTSIDE = "Only paths below /api/v1/ are served by this proxy, for example /api/v1/buyers."
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"/api/v1/", NO_RESOURCE),
+        (b"/api/v1", NO_RESOURCE),
+        (b"/", OUTSIDE),
+        (b"/api/v2/buyers", OUTSIDE),
+        (b"/api/v1buyers", OUTSIDE),
+    ],
+)
+def test_a_404_says_what_is_wrong_with_the_path(raw: bytes, message: str) -> None:
+    with pytest.raises(ProxyError) as caught:
+        parse_target(raw)
+    assert caught.value.message == message
+
+
 @pytest.mark.parametrize(
     ("raw", "forwarded", "segments"),
     [

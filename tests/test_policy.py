@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -164,16 +168,22 @@ def test_read_only_token_still_reads(
 
 
 def test_expired_token_is_refused_locally(
-    recorder: Upstream, start_proxy: Callable[..., RunningProxy]
+    recorder: Upstream, start_proxy: Callable[..., RunningProxy], tmp_path: Path
 ) -> None:
     stand_in, upstream = recorder
+    # From a file, which a rotation can replace: it starts, and says the token has expired.
     past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
-    proxy = start_proxy(upstream, token_expires_at=past)
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{TOKEN}\nexpires_at={past}\n")
+    proxy = start_proxy(upstream, api_token=None, api_token_file=token_file)
     response = httpx.get(f"{proxy.url}/api/v1/buyers")
     assert response.status_code == 401
     assert response.json()["error_code"] == "TOKEN_EXPIRED"
     assert stand_in.requests == []
     assert proxy.last_audit()["decision"] == "expired"
+    expired = [line for line in proxy.log_lines() if line["event"] == "token_expired"]
+    assert [line["level"] for line in expired] == ["error"]
+    assert not [line for line in proxy.log_lines() if line["event"] == "token_expiring"]
 
 
 def test_expiry_soon_warns_at_startup(
@@ -244,3 +254,54 @@ def test_queries_that_merely_mention_method_pass(proxy: RunningProxy, recorder: 
     response = httpx.get(f"{proxy.url}/api/v1/invoices", params={"payment_method": "card"})
     assert response.status_code == 200
     assert recorder[0].requests[-1].query_string == b"payment_method=card"
+
+
+def _curl(*args: str) -> tuple[int, dict[str, Any]]:
+    """Run the real curl binary; the status and JSON body it received."""
+    result = subprocess.run(
+        # No proxy from the environment: the test talks to the loopback proxy itself.
+        [
+            "curl",
+            "--noproxy",
+            "*",
+            "--silent",
+            "--show-error",
+            "--write-out",
+            "\n%{http_code}",
+            *args,
+        ],
+        capture_output=True,
+        check=True,
+        text=True,
+        timeout=30,
+    )
+    body, _, status = result.stdout.rpartition("\n")
+    return int(status), json.loads(body)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl command")
+def test_curl_d_without_a_json_type_is_told_how_to_send_json(
+    proxy: RunningProxy, recorder: Upstream
+) -> None:
+    url = f"{proxy.url}/api/v1/buyers"
+    payload = '{"name": "Acme Sdn Bhd"}'
+    # curl -d sends application/x-www-form-urlencoded unless told otherwise.
+    assert _curl("-d", payload, url) == (
+        415,
+        {
+            "success": False,
+            "message": "Form bodies are not forwarded: the InvoisX API takes JSON. Send the body "
+            "with Content-Type: application/json (with curl: -H 'Content-Type: "
+            "application/json', or --json instead of -d).",
+            "error_code": "UNSUPPORTED_MEDIA_TYPE",
+        },
+    )
+    assert recorder[0].requests == []
+    # Both ways the hint names go through.
+    assert _curl("-d", payload, "-H", "Content-Type: application/json", url)[0] == 200
+    if "--json" in subprocess.run(["curl", "--help", "all"], capture_output=True, text=True).stdout:
+        assert _curl("--json", payload, url)[0] == 200  # curl 7.82 and later
+    assert {request.body for request in recorder[0].requests} == {payload.encode()}
+    assert {request.header("content-type")[0] for request in recorder[0].requests} == {
+        "application/json"
+    }

@@ -689,3 +689,48 @@ def test_progress_counts_lines_across_sources_only_when_large() -> None:
     small = io.StringIO()
     assert [len(list(stream)) for _, stream in progress([("c.log", [b"{}\n"] * 10)], small)] == [10]
     assert small.getvalue() == ""
+
+
+def _text_report(tmp_path: Path, lines: list[str]) -> str:
+    path = tmp_path / "audit.log"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    out = io.StringIO()
+    assert run_audit([str(path)], audit_options(fail_on="none"), stdout=out) == 0
+    return out.getvalue()
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """The text report's sections by their first word, each as its lines."""
+    return {block.split()[0]: block.splitlines() for block in text.strip().split("\n\n")}
+
+
+def test_an_empty_section_says_none_rather_than_printing_a_bare_header(tmp_path: Path) -> None:
+    text = _text_report(tmp_path, [event(at(25, 1, 0), "startup")])
+    sections = _sections(text)
+    assert sections["Findings:"] == ["Findings: none"]
+    assert sections["Clients:"] == ["Clients: none"]
+    assert sections["Routes:"] == ["Routes: none"]
+    assert sections["Statuses:"] == [
+        "Statuses: none",
+        "Decisions: none",
+        "Other events: startup 1",
+    ]
+    assert sections["Token"] == ["Token fingerprints: none"]
+
+
+def test_a_quiet_log_lists_what_it_has_and_says_none_for_the_rest(tmp_path: Path) -> None:
+    # Two forwarded calls during business hours: no refusal, no event, no finding.
+    calls = [
+        request(at(25, 2, minute), f"erp-{minute}", "erp", "GET", "/buyers") for minute in (1, 2)
+    ]
+    sections = _sections(_text_report(tmp_path, calls))
+    assert sections["Findings:"] == ["Findings: none"]
+    assert sections["Clients"][0] == "Clients"
+    assert sections["Clients"][2].split()[:3] == ["erp", "2", "0"]
+    assert sections["Statuses:"] == [
+        "Statuses: 200 2",
+        "Decisions: forwarded 2",
+        "Other events: none",
+    ]
+    assert sections["Token"][0] == "Token fingerprints"
+    assert sections["Token"][2].split()[:2] == [NEW, "2"]

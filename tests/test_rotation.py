@@ -236,3 +236,24 @@ def test_expiry_warning_repeats_while_the_token_nears_expiry(
     if warnings:
         assert lines[0]["days_left"] == days_left
         assert lines[0]["token_fingerprint"] == fingerprint(OLD)
+
+
+def test_a_token_that_expires_while_running_is_logged_at_that_moment(tmp_path: Path) -> None:
+    token = UpstreamToken(OLD, datetime.now(UTC) + timedelta(seconds=0.2))
+    log_path = tmp_path / "audit.log"
+    audit = AuditLog(log_path, to_stdout=False)
+
+    async def a_moment_past_expiry() -> None:
+        # A day between checks: only waking at the expiry itself can log it within 2 s.
+        task = asyncio.create_task(warn_before_expiry(TokenHolder(token), 30, audit.logger))
+        await asyncio.sleep(2)
+        task.cancel()
+
+    asyncio.run(a_moment_past_expiry())
+    audit.close()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(line["event"], line["level"]) for line in lines] == [
+        ("token_expiring", "warning"),
+        ("token_expired", "error"),
+    ]
+    assert lines[0]["days_left"] == 0

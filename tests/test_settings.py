@@ -11,8 +11,10 @@ import pytest
 from proxy.configfile import load_config_file
 from proxy.credentials import load_token
 from proxy.policy import Permission
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import ConfigError, find_unknown_variables, known_variables, load_settings
 from tests.conftest import TOKEN
+
+NOW = datetime(2026, 12, 2, tzinfo=UTC)
 
 
 def settings(**values: Any) -> Any:
@@ -59,7 +61,7 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
     env_file.write_text(f"INVOISX_API_TOKEN={TOKEN}\nINVOISX_PROXY_PORT=9100\n")
     loaded = load_settings(env_file=str(env_file))
     assert loaded.port == 9100
-    assert load_token(loaded).fingerprint == load_token(settings()).fingerprint
+    assert load_token(loaded, NOW).fingerprint == load_token(settings(), NOW).fingerprint
 
 
 def test_cli_overrides_win(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +136,7 @@ def test_insecure_upstream_allowed_for_loopback_or_when_asked() -> None:
 
 def test_token_is_never_in_repr() -> None:
     loaded = settings()
-    token = load_token(loaded)
+    token = load_token(loaded, NOW)
     assert TOKEN not in repr(loaded) and TOKEN not in str(loaded)
     assert TOKEN not in repr(token)
     assert token.authorization == f"Bearer {TOKEN}".encode()
@@ -145,7 +147,7 @@ def test_token_file(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
     loaded = load_settings(env_file=None, api_token_file=path)
-    assert load_token(loaded).authorization == f"Bearer {TOKEN}".encode()
+    assert load_token(loaded, NOW).authorization == f"Bearer {TOKEN}".encode()
 
 
 def test_token_file_expiry_line_wins_over_the_setting(tmp_path: Path) -> None:
@@ -155,9 +157,9 @@ def test_token_file_expiry_line_wins_over_the_setting(tmp_path: Path) -> None:
         env_file=None, api_token_file=path, token_expires_at="2026-12-31T00:00:00Z"
     )
     # A bare date is the end of that day in Malaysia: 2027-11-30 16:00 UTC.
-    assert load_token(loaded).expires_at == datetime(2027, 11, 30, 16, 0, tzinfo=UTC)
+    assert load_token(loaded, NOW).expires_at == datetime(2027, 11, 30, 16, 0, tzinfo=UTC)
     path.write_text(TOKEN)
-    assert load_token(loaded).expires_at == datetime(2026, 12, 31, tzinfo=UTC)
+    assert load_token(loaded, NOW).expires_at == datetime(2026, 12, 31, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -176,7 +178,7 @@ def test_bad_token_file(tmp_path: Path, content: str | None, line: str) -> None:
         path.write_text(content)
     loaded = load_settings(env_file=None, api_token_file=path)
     with pytest.raises(ConfigError, match=line):
-        load_token(loaded)
+        load_token(loaded, NOW)
 
 
 def test_config_file_rules(tmp_path: Path) -> None:
@@ -208,3 +210,30 @@ def test_bad_config_file_names_the_setting(tmp_path: Path, content: str | None, 
     assert str(caught.value).startswith("INVOISX_PROXY_CONFIG: ")
     assert line in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_every_setting_is_documented_and_in_the_template() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    template = (root / "config" / "example.env").read_text()
+    for name in known_variables():
+        assert f"| `{name}` |" in readme, name
+        assert f"{name}=" in template, name
+
+
+def test_unknown_variables_name_the_closest_setting(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("INVOISX_PROXY_PROT=9000\nINVOISX_API_TOKEN=x\nOTHER=1\n")
+    environ = {
+        "INVOISX_TOKEN_PERMISSION": "read,create",
+        "invoisx_proxy_host": "0.0.0.0",  # read case-insensitively, so known
+        "INVOISX_SOMETHING_ELSE_ENTIRELY": "1",
+        "PATH": "/usr/bin",
+    }
+    found = find_unknown_variables(environ, str(dotenv))
+    assert [(item.name, item.source, item.closest) for item in found] == [
+        ("INVOISX_SOMETHING_ELSE_ENTIRELY", "environment", None),
+        ("INVOISX_TOKEN_PERMISSION", "environment", "INVOISX_TOKEN_PERMISSIONS"),
+        ("INVOISX_PROXY_PROT", str(dotenv), "INVOISX_PROXY_PORT"),
+    ]
+    assert find_unknown_variables({}, str(tmp_path / "missing.env")) == ()

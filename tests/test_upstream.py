@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
-from proxy.upstream import Broken, Connection, Dropped, Origin, Pool, Stalled, Unreachable
+from proxy.upstream import (
+    Broken,
+    Connection,
+    Dropped,
+    Origin,
+    Pool,
+    Stalled,
+    Unreachable,
+    connect_failure,
+)
 from tests.conftest import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -197,9 +211,13 @@ def test_time_out_wakes_the_waiter_with_stalled() -> None:
         async with serving(answering()) as pool:  # reads nothing, answers nothing
             connection = await pool.acquire(head_only=False)
             connection.send(GET, last=True)
-            asyncio.get_running_loop().call_later(0.05, connection.time_out)
-            with pytest.raises(Stalled):
-                await connection.response_head()
+            asyncio.get_running_loop().call_later(0.05, connection.time_out, 0.05)
+            with pytest.raises(Stalled) as stalled:
+                async with asyncio.timeout(5):  # not woken: TimeoutError instead
+                    await connection.response_head()
+            assert str(stalled.value) == (
+                "InvoisX did not answer within 0.05 s (INVOISX_PROXY_UPSTREAM_TIMEOUT)."
+            )
             assert not connection.is_open
             pool.release(connection)
 
@@ -211,8 +229,9 @@ def test_nothing_listening_is_unreachable() -> None:
         origin = Origin.from_url(f"http://127.0.0.1:{free_port()}/api/v1")
         pool = Pool(origin, limit=1, connect_timeout=0.5, idle_timeout=15)
         pool.open(asyncio.get_running_loop())
-        with pytest.raises(Unreachable):
+        with pytest.raises(Unreachable) as unreachable:
             await pool.acquire(head_only=False)
+        assert str(unreachable.value) == "InvoisX could not be reached: the connection was refused."
         # The failed connect gave its turn back: the next call may try again at once.
         with pytest.raises(Unreachable):
             await asyncio.wait_for(pool.acquire(head_only=False), 0.4)
@@ -247,8 +266,12 @@ def test_a_call_that_waits_longer_than_the_connect_timeout_is_unreachable() -> N
         async with serving(answering(OK)) as pool:  # limit 2, connect timeout 0.5 s
             held = [await pool.acquire(head_only=False) for _ in range(2)]
             started = asyncio.get_running_loop().time()
-            with pytest.raises(Unreachable, match="busy"):
+            with pytest.raises(Unreachable) as unreachable:
                 await pool.acquire(head_only=False)
+            assert str(unreachable.value) == (
+                "No connection to InvoisX came free within 0.5 s: all 2 "
+                "(INVOISX_PROXY_MAX_UPSTREAM_CONNECTIONS) stayed busy."
+            )
             assert 0.45 <= asyncio.get_running_loop().time() - started < 1.5
             for connection in held:
                 pool.release(connection)
@@ -305,7 +328,7 @@ def test_response_headers_beyond_the_limit_are_broken() -> None:
         async with serving(answering(flood)) as pool:
             connection = await pool.acquire(head_only=False)
             connection.send(GET, last=True)
-            with pytest.raises(Broken, match="too large"):
+            with pytest.raises(Broken, match=r"^InvoisX's response headers ran over 64 KiB\.$"):
                 await connection.response_head()
             assert not connection.head_in
             pool.release(connection)
@@ -352,7 +375,7 @@ def test_a_header_that_never_ends_is_broken_once_past_the_limit() -> None:
         async with serving(endless_header) as pool:
             connection = await pool.acquire(head_only=False)
             connection.send(GET, last=True)
-            with pytest.raises(Broken, match="too large"):
+            with pytest.raises(Broken, match=r"^InvoisX's response headers ran over 64 KiB\.$"):
                 await connection.response_head()
             pool.release(connection)
 
@@ -483,7 +506,7 @@ def test_a_trailer_that_never_ends_is_broken_once_past_the_limit() -> None:
             connection.send(GET, last=True)
             await connection.response_head()
             body = b""
-            with pytest.raises(Broken, match="too large"):
+            with pytest.raises(Broken, match=r"chunk framing or trailers ran over 64 KiB without"):
                 while True:
                     await connection.more()
                     body += connection.take()
@@ -559,3 +582,315 @@ def test_a_fresh_connection_leaves_the_idle_ones_alone() -> None:
             pool.release(again)
 
     asyncio.run(main())
+
+
+# --- what the client is told: one message for each way an exchange fails -------------------
+
+
+async def _failure(pool: Pool, request: bytes = GET) -> str:
+    """Run one exchange to its end; the text of the `UpstreamError` that ended it."""
+    connection = await pool.acquire(head_only=False)
+    try:
+        connection.send(request, last=True)
+        async with asyncio.timeout(5):
+            await connection.response_head()
+            while not connection.complete:
+                await connection.more()
+                connection.take()
+    except (Broken, Stalled) as error:
+        return str(error)
+    finally:
+        pool.release(connection)
+    raise AssertionError("the exchange ended cleanly")
+
+
+async def _read_request_then_close(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    # Read first: closing with unread bytes makes the kernel send a reset instead of a FIN.
+    await reader.readuntil(b"\r\n\r\n")
+
+
+async def _read_request_then_reset(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    _reset(writer)
+
+
+_CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("handler", "message"),
+    [
+        (
+            answering(b"\x00\xffSSH-2.0-OpenSSH_9.6\r\n\r\n"),
+            "InvoisX answered with something that is not HTTP.",
+        ),
+        (
+            answering(b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n"),
+            "InvoisX's answer has an invalid status line (invalid status code).",
+        ),
+        (
+            answering(b"HTTP/1.1 200 OK\r\nX Y: z\r\nContent-Length: 0\r\n\r\n"),
+            "InvoisX's answer has invalid headers (invalid header token).",
+        ),
+        (
+            answering(b"HTTP/1.1 777 X\r\nContent-Length: 0\r\n\r\n"),
+            "InvoisX answered with status 777, which HTTP does not have.",
+        ),
+        (
+            answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            "InvoisX's answer has a Transfer-Encoding other than chunked, which the proxy can "
+            "neither decode nor pass on.",
+        ),
+        (
+            answering(_CHUNKED + b"zz\r\n"),
+            "InvoisX's answer broke its chunked framing (invalid character in chunk size).",
+        ),
+        (
+            _read_request_then_close,
+            "InvoisX closed the connection before any answer.",
+        ),
+        (
+            _read_request_then_reset,
+            "The connection to InvoisX was reset before any answer.",
+        ),
+        (
+            answering(b"HTTP/1.1 200 OK\r\nContent-Ty", then_close=True),
+            "InvoisX closed the connection in the middle of the response headers.",
+        ),
+        (
+            answering(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", then_close=True),
+            "InvoisX closed the connection in the middle of the answer.",
+        ),
+        (
+            answering(_CHUNKED + b"3\r\nabc\r\n", then_close=True),
+            "InvoisX closed the connection in the middle of the answer.",
+        ),
+    ],
+    ids=[
+        "not-http",
+        "bad-status-line",
+        "bad-header",
+        "status-777",
+        "transfer-coding",
+        "bad-chunk",
+        "closed-before-answering",
+        "reset-before-answering",
+        "closed-mid-headers",
+        "closed-mid-body",
+        "closed-mid-chunks",
+    ],
+)
+def test_each_failure_says_what_happened(handler: Handler, message: str) -> None:
+    async def main() -> None:
+        async with serving(handler) as pool:
+            assert await _failure(pool) == message
+
+    asyncio.run(main())
+
+
+def test_a_kept_alive_connection_closed_before_answering_says_so() -> None:
+    async def answer_once_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+
+    async def main() -> None:
+        async with serving(answer_once_then_close) as pool:
+            first, _ = await _get(pool)
+            pool.release(first)
+            assert await _failure(pool) == (
+                "InvoisX closed the connection before any answer (a kept-alive connection, "
+                "which InvoisX may have timed out just as the request arrived)."
+            )
+
+    asyncio.run(main())
+
+
+def test_a_stall_says_where_the_exchange_stood() -> None:
+    head_then_silence = answering(b"HTTP/1.1 200 OK\r\nContent-Le")
+    body_then_silence = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+
+    async def stalled(pool: Pool, timeout: float) -> str:
+        connection = await pool.acquire(head_only=False)
+        connection.send(GET, last=True)
+        await asyncio.sleep(0.1)  # what the server sends before falling silent is in
+        connection.time_out(timeout)
+        try:
+            await connection.response_head()
+            while True:
+                await connection.more()
+                connection.take()
+        except Stalled as error:
+            return str(error)
+        finally:
+            pool.release(connection)
+
+    async def main() -> None:
+        async with serving(head_then_silence) as pool:
+            assert await stalled(pool, 0.3) == (
+                "InvoisX's response headers stalled for 0.3 s (INVOISX_PROXY_UPSTREAM_TIMEOUT)."
+            )
+        async with serving(body_then_silence) as pool:
+            assert await stalled(pool, 2) == (
+                "InvoisX's answer stalled for 2 s (INVOISX_PROXY_UPSTREAM_TIMEOUT)."
+            )
+        async with serving(answering()) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(GET, last=True)
+            connection.headers_overdue(0.9)
+            with pytest.raises(Stalled) as overdue:
+                await connection.response_head()
+            assert str(overdue.value) == (
+                "InvoisX's response headers were not complete within 0.9 s "
+                "(three times INVOISX_PROXY_UPSTREAM_TIMEOUT)."
+            )
+            pool.release(connection)
+
+    asyncio.run(main())
+
+
+def test_an_upload_invoisx_stops_taking_says_so() -> None:
+    async def main() -> None:
+        done = asyncio.Event()
+
+        async def read_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await done.wait()
+
+        async with serving(read_nothing) as pool:
+            connection = await pool.acquire(head_only=False)
+            connection.send(
+                b"POST /api/v1/x HTTP/1.1\r\ncontent-length: 90000000\r\n\r\n", last=False
+            )
+            connection.send(b"x" * 65_536, last=False)
+            connection.time_out(0.3)  # the forward stage's watch, after 0.3 s of no room
+            with pytest.raises(Stalled) as stalled:
+                await connection.drain()
+            assert str(stalled.value) == (
+                "InvoisX stopped taking the request body for 0.3 s "
+                "(INVOISX_PROXY_UPSTREAM_TIMEOUT)."
+            )
+            pool.release(connection)
+            done.set()
+
+    asyncio.run(main())
+
+
+def _pool_to(url: str, connect_timeout: float = 0.5) -> Pool:
+    pool = Pool(Origin.from_url(url), limit=1, connect_timeout=connect_timeout, idle_timeout=15)
+    pool.open(asyncio.get_running_loop())
+    return pool
+
+
+def test_a_tls_handshake_with_a_server_that_does_not_speak_tls_says_so() -> None:
+    async def blurt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK)  # plain HTTP where the client expects a TLS ServerHello
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        server = await asyncio.start_server(closing(blurt), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            pool = _pool_to(f"https://127.0.0.1:{port}/api/v1")
+            with pytest.raises(Unreachable) as unreachable:
+                await pool.acquire(head_only=False)
+        finally:
+            server.close()
+        assert str(unreachable.value) == "InvoisX could not be reached: the TLS handshake failed."
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_certificate_that_does_not_verify_says_so(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    async def main() -> None:
+        handler = closing(answering(OK))
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            pool = _pool_to(f"https://127.0.0.1:{port}/api/v1")
+            with pytest.raises(Unreachable) as unreachable:
+                await pool.acquire(head_only=False)
+        finally:
+            server.close()
+        assert str(unreachable.value) == (
+            "InvoisX could not be reached: its TLS certificate could not be verified."
+        )
+
+    asyncio.run(main())
+
+
+def test_a_connect_that_never_completes_says_how_long_it_waited() -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    # neither succeeds nor fails until the client gives up.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+                fillers.append(filler)
+
+            async def main() -> None:
+                pool = _pool_to(f"http://127.0.0.1:{port}/api/v1", connect_timeout=0.3)
+                with pytest.raises(Unreachable) as unreachable:
+                    await pool.acquire(head_only=False)
+                assert str(unreachable.value) == (
+                    "InvoisX could not be reached: no connection within 0.3 s "
+                    "(INVOISX_PROXY_UPSTREAM_TIMEOUT)."
+                )
+
+            asyncio.run(main())
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+_REFUSED_TWICE = (
+    "Multiple exceptions: [Errno 111] Connect call failed ('::1', 8000, 0, 0), "
+    "[Errno 111] Connect call failed ('127.0.0.1', 8000)"
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+            "its host name could not be resolved",
+        ),
+        (OSError(_REFUSED_TWICE), "the connection was refused"),
+        (OSError(_REFUSED_TWICE.replace("111", "113", 1)), "the connection failed"),
+        (
+            OSError(errno.ENETUNREACH, "Network is unreachable"),
+            "the connection failed (Network is unreachable)",
+        ),
+        (OSError("odd"), "the connection failed"),
+    ],
+    ids=["dns", "refused-on-every-address", "refused-on-one-only", "no-route", "unknown"],
+)
+def test_connect_failures_the_loopback_cannot_stage_are_named(error: OSError, message: str) -> None:
+    assert connect_failure(error) == f"InvoisX could not be reached: {message}."

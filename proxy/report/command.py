@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO, TextIO
 
 from proxy.report.build import build_report
@@ -29,7 +29,7 @@ def run_audit(
     """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    lines = source_lines(open_sources(paths, stdin))
+    lines: Iterator[tuple[str, Iterable[bytes]]] = source_lines(open_sources(paths, stdin))
     # Progress is for a person watching a large file, never for a pipe or a test.
     if stderr.isatty():
         lines = progress(lines, stderr)

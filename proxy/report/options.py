@@ -209,6 +209,6 @@ def audit_options(
         window=_window(since, until, now or datetime.now(UTC)),
         hours=hours,
         thresholds=Thresholds(burst_factor, burst_min, refusals),
-        output=output,  # type: ignore[arg-type]  # checked against FORMATS above
+        output=output,  # checked against FORMATS above
         fail_on=None if fail_on == "none" else fail_on,  # type: ignore[arg-type]
     )

@@ -143,19 +143,30 @@ def _printable(value: object) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """Columns padded to their widest cell; numbers right-aligned."""
+def _table(title: str, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """`title`, then columns padded to their widest cell, numbers right-aligned; a table
+    without rows is `title: none`, as a header alone would read as a table cut off."""
     cells = [list(headers), *([_printable(cell) for cell in row] for row in rows)]
+    if len(cells) == 1:
+        return [f"{title}: none"]
     numeric = [all(row[i].isdecimal() for row in cells[1:]) for i in range(len(headers))]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return [
-        "  "
-        + "  ".join(
-            cell.rjust(width) if right else cell.ljust(width)
-            for cell, width, right in zip(row, widths, numeric, strict=True)
-        ).rstrip()
-        for row in cells
+        title,
+        *(
+            "  "
+            + "  ".join(
+                cell.rjust(width) if right else cell.ljust(width)
+                for cell, width, right in zip(row, widths, numeric, strict=True)
+            ).rstrip()
+            for row in cells
+        ),
     ]
+
+
+def _listing(title: str, items: Iterable[str]) -> str:
+    """`title: a, b, c` on one line, or `title: none`."""
+    return f"{title}: {', '.join(items) or 'none'}"
 
 
 def _when(at: float) -> str:
@@ -233,36 +244,30 @@ def _text(report: Report) -> str:
     sections = [
         _text_header(report),
         _text_findings(report.findings),
-        [
+        _table(
             "Clients",
-            *_table(
-                ("client", *_COUNT_HEADERS, "first seen", "last seen"),
-                ([name, *_counts_row(counts)] for name, counts in clients),
-            ),
-        ],
-        [
+            ("client", *_COUNT_HEADERS, "first seen", "last seen"),
+            ([name, *_counts_row(counts)] for name, counts in clients),
+        ),
+        _table(
             "Routes",
-            *_table(
-                ("method", "route", *_COUNT_HEADERS),
-                ([m, r, *_counts_row(c)[:6]] for (r, m), c in sorted(routes.items())),
-            ),
-        ],
+            ("method", "route", *_COUNT_HEADERS),
+            ([m, r, *_counts_row(c)[:6]] for (r, m), c in sorted(routes.items())),
+        ),
         [
-            "Statuses: " + ", ".join(f"{s} {n:,}" for s, n in sorted(summary.statuses.items())),
-            "Decisions: " + ", ".join(f"{_printable(d)} {n:,}" for d, n in decisions.items()),
-            "Other events: " + ", ".join(f"{_printable(e)} {n:,}" for e, n in events),
+            _listing("Statuses", (f"{s} {n:,}" for s, n in sorted(summary.statuses.items()))),
+            _listing("Decisions", (f"{_printable(d)} {n:,}" for d, n in decisions.items())),
+            _listing("Other events", (f"{_printable(e)} {n:,}" for e, n in events)),
         ],
-        [
+        _table(
             "Token fingerprints",
-            *_table(
-                ("fingerprint", "requests", "first used", "last used", "replaced at"),
-                (
-                    [fp, use.requests, _when(use.first_used), _when(use.last_used), _when(at)]
-                    for fp, use in tokens
-                    for at in [replaced.get(fp, math.nan)]
-                ),
+            ("fingerprint", "requests", "first used", "last used", "replaced at"),
+            (
+                [fp, use.requests, _when(use.first_used), _when(use.last_used), _when(at)]
+                for fp, use in tokens
+                for at in [replaced.get(fp, math.nan)]
             ),
-        ],
+        ),
     ]
     return "\n\n".join("\n".join(section) for section in sections) + "\n"
 

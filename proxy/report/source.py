@@ -7,7 +7,7 @@ import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, BinaryIO, TextIO
+from typing import IO, BinaryIO, TextIO, cast
 
 from proxy.report.options import AuditError
 
@@ -57,7 +57,7 @@ def _source(name: str, stream: BinaryIO, file: BinaryIO | None) -> Source:
     # peek() looks without consuming, so a pipe (stdin) can be sniffed too.
     head = stream.peek(2)[:2] if hasattr(stream, "peek") else b""
     if head == _GZIP_MAGIC:
-        return Source(name, gzip.GzipFile(fileobj=stream, mode="rb"), file)
+        return Source(name, cast(IO[bytes], gzip.GzipFile(fileobj=stream, mode="rb")), file)
     return Source(name, stream, file)
 
 

@@ -53,7 +53,7 @@ def deletion_kind(method: object, route: object) -> str | None:
     return None
 
 
-def _hashable(value: object) -> object:
+def _hashable(value: object) -> Any:
     return value if isinstance(value, str | int | float | bool | None) else UNKNOWN
 
 
@@ -63,7 +63,7 @@ def _clean(key: tuple[Any, ...]) -> GroupKey:
         client if type(client) is str else UNKNOWN,
         method,
         route,
-        status,  # type: ignore[arg-type]  # parse_lines passes only int statuses
+        status,  # parse_lines passes only int statuses
         decision,
         error_code,
         fingerprint if type(fingerprint) is str else None,

@@ -8,6 +8,9 @@ Choices where the real API is undocumented:
 - PATCH is accepted wherever PUT is, as a full update (Laravel's `apiResource` does the same).
 - `rate_limit_per_minute=0` disables the limit and its `X-RateLimit-*` headers.
 - An invoice PUT checks existence (404), then status (403), then the body (422).
+- A client that leaves before its body is in gets no answer and nothing is logged: the request
+  was never complete, so nothing is done (nginx in front of Laravel reads the whole body before
+  PHP sees the request, and records such a client as 499).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from http import HTTPStatus
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
@@ -85,6 +88,7 @@ def create_sandbox_app(
         routes=routes,
         middleware=[Middleware(SandboxGuard, tokens=registry, limiter=limiter, clock=unix_clock())],
         exception_handlers={
+            ClientDisconnect: _client_left,
             SandboxError: _sandbox_error,
             HTTPException: _http_error,
             Exception: _server_error,
@@ -111,6 +115,14 @@ def _endpoint(methods: Methods, store: SandboxStore) -> Callable[[Request], Awai
 
 async def _login_page(request: Request) -> Response:
     return HTMLResponse("<!DOCTYPE html>\n<html><body><h1>InvoisX sandbox login</h1></body></html>")
+
+
+def _client_left(request: Request, exc: Exception) -> Response:
+    # Without this handler, Starlette's last-resort handler re-raises the ClientDisconnect and
+    # uvicorn prints it as "Exception in ASGI application" with a traceback. uvicorn drops
+    # whatever is sent after a disconnect, so this answer goes nowhere; 499 is nginx's name for
+    # it, should anything ever see it.
+    return Response(status_code=499)
 
 
 def _sandbox_error(request: Request, exc: Exception) -> Response:
