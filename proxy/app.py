@@ -199,6 +199,11 @@ def _poke(watches: list[FileWatch]) -> None:
         watch.poke()
 
 
+def _address(host: str, port: int) -> str:
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _announce(
     log: FilteringBoundLogger,
     settings: Settings,
@@ -210,7 +215,7 @@ def _announce(
     log.info(
         "startup",
         version=__version__,
-        listen=f"{settings.host}:{settings.port}",
+        listen=_address(settings.host, settings.port),
         upstream=settings.api_url,
         token_fingerprint=token.fingerprint,
         token_permissions=sorted(settings.token_permissions),

@@ -50,13 +50,12 @@ def run_serve(args: argparse.Namespace) -> None:
         setting: f"--{name}" if name in overrides else setting
         for name, setting in _FLAG_SETTINGS.items()
     }
+    host, port = names["INVOISX_PROXY_HOST"], names["INVOISX_PROXY_PORT"]
     try:
-        settings = load_settings(**overrides)
+        serve(load_settings(**overrides), host_setting=host, port_setting=port)
     except ConfigError as error:
         message = str(error).removeprefix(f"{error.setting}: ")
         raise ConfigError(names.get(error.setting, error.setting), message) from None
-    host, port = names["INVOISX_PROXY_HOST"], names["INVOISX_PROXY_PORT"]
-    serve(settings, host_setting=host, port_setting=port)
 
 
 def run_keys(args: argparse.Namespace) -> int:

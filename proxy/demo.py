@@ -125,7 +125,7 @@ def _log_note(audit_path: Path, kept: bool) -> list[str]:
         ]
     return [
         f"Audit log: one JSON line per call, below and appended to {audit_path}, which stays;",
-        f"`invoisx-proxy audit {shlex.quote(str(audit_path))}` reports on it.",
+        f"`{_executable()} audit {shlex.quote(str(audit_path))}` reports on it.",
     ]
 
 
@@ -148,7 +148,7 @@ def _intro(api_url: str, audit_path: Path, kept: bool) -> str:
         *(f"  {line}" for line in curl_lines(api_url)),
         "",
         *_log_note(audit_path, kept),
-        "`invoisx-proxy demo --tour` runs these steps itself. Ctrl-C stops the demo.",
+        f"`{_executable()} demo --tour` runs these steps itself. Ctrl-C stops the demo.",
         "",
     ]
     return "\n".join(lines)

@@ -140,14 +140,29 @@ class ClientProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.timeout_keep_alive_task is None:
-            return  # closing, or a pipelined call started at once
+        if self.timeout_keep_alive_task is not None:  # not closing, no pipelined call next
+            self._count_idle()
+
+    def _count_idle(self) -> None:
         idle = self.idle
         idle[self] = None
         if len(idle) > self.max_idle:
             oldest = next(iter(idle))
             del idle[oldest]
             oldest.transport.close()
+
+    def _idle_again(self) -> None:
+        """After a read that started no call (blank lines, the rest of a body answered
+        early): idle as before it, or the read would have stopped the keep-alive clock and
+        the count for good."""
+        cycle = self.cycle
+        if self.pipeline or self.transport.is_closing() or "method" not in (self.scope or {}):
+            return  # a call waits, the connection is going, or a new head is arriving
+        if cycle is not None and cycle.scope is self.scope:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+            self._count_idle()
 
     def _unset_keepalive_if_required(self) -> None:
         # uvicorn's, plus: the connection is busy again (or gone), no longer idle.
@@ -162,6 +177,9 @@ class ClientProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         while data:
             data = self._feed(data)
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and self.timeout_keep_alive_task is None:
+            self._idle_again()
 
     def _feed(self, data: bytes) -> bytes:
         """Parse one read; what is left to parse after an ignored upgrade offer."""

@@ -92,21 +92,35 @@ def bind(
     if not 0 <= port <= 65535:
         raise ConfigError(port_setting, f"{port} is not a port (0-65535)")
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        found = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as error:
         raise ConfigError(host_setting, f"cannot resolve {host!r}: {error.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as error:
-        sock.close()
-        # Not this machine's address: the host is wrong; in use or privileged: the port.
-        setting = host_setting if error.errno == errno.EADDRNOTAVAIL else port_setting
-        raise ConfigError(setting, f"cannot listen on {host}:{port}: {error.strerror}") from None
-    return sock
+    # IPv4 first: `localhost` often resolves to ::1 before 127.0.0.1, and clients are told
+    # 127.0.0.1; the next address is tried when one cannot be bound (IPv6 switched off).
+    found.sort(key=lambda address: address[0] != socket.AF_INET)
+    failure = OSError()
+    for family, kind, proto, _, address in found:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError as error:
+            failure = error
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            return sock
+        except OSError as error:
+            sock.close()
+            if error.errno in (errno.EADDRINUSE, errno.EACCES):
+                # In use or privileged: the port is at fault, whatever the next address.
+                raise ConfigError(
+                    port_setting, f"cannot listen on {host}:{port}: {error.strerror}"
+                ) from None
+            failure = error
+    # Not an address of this machine, a link-local one without its interface, IPv6 off.
+    raise ConfigError(host_setting, f"cannot listen on {host}:{port}: {failure.strerror}")
 
 
 def _url(sock: socket.socket) -> str:

@@ -7,6 +7,7 @@ start-up with one line naming the variable, via `ConfigError`.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -226,6 +227,11 @@ class Settings(BaseSettings):
         return self
 
 
+# Words of letters, as every setting's name is; anything else may hold a pasted secret.
+_PLAIN_NAME = re.compile(r"INVOISX(_[A-Za-z]{1,16}){1,6}")
+_NOT_SHOWN = "INVOISX_... (not shown: it may be a secret)"
+
+
 def known_variables() -> frozenset[str]:
     """Every variable name the settings read."""
     return frozenset(str(field.validation_alias) for field in Settings.model_fields.values())
@@ -242,15 +248,28 @@ def find_unknown_variables(
     known = known_variables()
     sources = [("environment", list(environ))]
     if env_file is not None and Path(env_file).is_file():
-        sources.append((env_file, list(dotenv_values(env_file))))
+        sources.append((env_file, _dotenv_names(env_file)))
     found: list[UnknownVariable] = []
     for source, names in sources:
         for name in sorted(names):
             upper = name.upper()
             if upper.startswith("INVOISX_") and upper not in known:
                 closest = get_close_matches(upper, known, n=1, cutoff=0.6)
-                found.append(UnknownVariable(name, source, closest[0] if closest else None))
+                # A name is echoed only when it reads like one: `.env`'s
+                # `INVOISX_API_TOKEN:ixs_...` is all name to dotenv, the token included.
+                shown = name if _PLAIN_NAME.fullmatch(name) else _NOT_SHOWN
+                found.append(UnknownVariable(shown, source, closest[0] if closest else None))
     return tuple(found)
+
+
+def _dotenv_names(env_file: str) -> list[str]:
+    # pydantic-settings has parsed the file already and warned about any bad line once.
+    dotenv_log = logging.getLogger("dotenv.main")
+    was_disabled, dotenv_log.disabled = dotenv_log.disabled, True
+    try:
+        return list(dotenv_values(env_file))
+    finally:
+        dotenv_log.disabled = was_disabled
 
 
 def _one_line(error: ValidationError) -> str:

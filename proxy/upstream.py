@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import re
 import socket
 import ssl
@@ -636,8 +637,10 @@ def connect_failure(error: OSError) -> str:
         reason = "its host name could not be resolved"
     elif isinstance(error, ConnectionRefusedError) or _refused_everywhere(str(error)):
         reason = "the connection was refused"
-    elif error.strerror:
-        reason = f"the connection failed ({error.strerror})"
+    elif error.errno:
+        # From errno alone: asyncio's own text names InvoisX's address ("Connect call failed
+        # ('203.0.113.9', 443)"), which is no business of the client's.
+        reason = f"the connection failed ({os.strerror(error.errno)})"
     else:
         reason = "the connection failed"
     return f"InvoisX could not be reached: {reason}."

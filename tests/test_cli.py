@@ -48,6 +48,11 @@ def _one_line_exit_2(args: list[str], cwd: Path, **env: str) -> str:
         (
             {"INVOISX_API_TOKEN": TOKEN},
             ["serve", "--config", "/nonexistent/proxy.toml"],
+            "--config: cannot read /nonexistent/proxy.toml",
+        ),
+        (
+            {"INVOISX_API_TOKEN": TOKEN, "INVOISX_PROXY_CONFIG": "/nonexistent/proxy.toml"},
+            [],
             "INVOISX_PROXY_CONFIG: cannot read /nonexistent/proxy.toml",
         ),
         (

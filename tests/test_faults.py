@@ -396,7 +396,7 @@ def test_a_client_stalling_mid_body_gets_408_not_504(
     started = time.monotonic()
     with _send_part_of_a_body(proxy, f"stall-{read}", framing, _READS[read]) as conn:
         raw = _read_to_the_end(conn)
-    assert 1 <= time.monotonic() - started < 3
+    assert 1 <= time.monotonic() - started < 8  # well before the upstream timeout
     response = parse_response(raw)
     of = " of 100" if framing == "content-length" else ""
     assert assert_proxy_error(response) == {

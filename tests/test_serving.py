@@ -1,8 +1,10 @@
-"""Graceful shutdown: SIGTERM stops accepting, lets calls in flight finish, exits 0."""
+"""Serving: binding the listen address (one line naming the setting), and graceful shutdown:
+SIGTERM stops accepting, lets calls in flight finish, exits 0."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -10,6 +12,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from proxy.serving import bind
+from proxy.settings import ConfigError
 from tests.conftest import TOKEN, ProxyProcess, Recorder, Reply
 
 
@@ -83,3 +87,44 @@ def test_grace_period_bounds_the_wait(
     assert [(line["status"], line["decision"]) for line in audit] == [(503, "aborted")]
     assert "Traceback" not in proxy.output_path.read_text()
     assert "shutdown" in [line["event"] for line in proxy.lines()]
+
+
+@pytest.mark.parametrize(
+    ("host", "family", "address"),
+    [
+        ("localhost", socket.AF_INET, "127.0.0.1"),  # as clients are told, even if ::1 is first
+        ("[::1]", socket.AF_INET6, "::1"),
+        ("::1", socket.AF_INET6, "::1"),
+    ],
+)
+def test_bind_takes_the_host_as_written_and_prefers_ipv4(
+    host: str, family: socket.AddressFamily, address: str
+) -> None:
+    with bind(host, 0) as sock:
+        assert (sock.family, sock.getsockname()[0]) == (family, address)
+
+
+@pytest.mark.parametrize(
+    ("host", "setting", "reason"),
+    [
+        ("fe80::1", "--host", "Invalid argument"),  # link-local without its interface
+        ("192.0.2.1", "--host", "Cannot assign requested address"),
+        ("nosuch.invalid", "--host", "cannot resolve 'nosuch.invalid'"),
+    ],
+)
+def test_bind_blames_the_host_for_an_address_it_cannot_take(
+    host: str, setting: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        bind(host, 0, host_setting="--host", port_setting="--port")
+    assert refused.value.setting == setting and reason in str(refused.value)
+
+
+def test_bind_blames_the_port_when_it_is_taken_on_any_address() -> None:
+    with bind("127.0.0.1", 0) as taken:
+        taken.listen()
+        port = taken.getsockname()[1]
+        # localhost may also be ::1, where the port is free: taken on 127.0.0.1 is taken.
+        with pytest.raises(ConfigError) as refused:
+            bind("localhost", port, host_setting="--host", port_setting="--port")
+    assert refused.value.setting == "--port" and "Address already in use" in str(refused.value)

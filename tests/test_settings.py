@@ -237,3 +237,20 @@ def test_unknown_variables_name_the_closest_setting(tmp_path: Path) -> None:
         ("INVOISX_PROXY_PROT", str(dotenv), "INVOISX_PROXY_PORT"),
     ]
     assert find_unknown_variables({}, str(tmp_path / "missing.env")) == ()
+
+
+def test_an_unknown_name_that_may_hold_a_secret_is_not_shown(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    dotenv = tmp_path / ".env"
+    # No `=`: dotenv takes the whole line, token included, for a name; and warns once.
+    dotenv.write_text(f"INVOISX_API_TOKEN:{TOKEN}\nINVOISX_API_TOKEN=x\n'bad line\n")
+    environ = {f"INVOISX_{TOKEN}": "1", "INVOISX_RETRY_MAX2": "1"}
+    found = find_unknown_variables(environ, str(dotenv))
+    assert TOKEN not in repr(found)
+    assert [(item.name, item.closest) for item in found] == [
+        ("INVOISX_... (not shown: it may be a secret)", "INVOISX_RETRY_MAX"),
+        ("INVOISX_... (not shown: it may be a secret)", None),
+        ("INVOISX_... (not shown: it may be a secret)", None),
+    ]
+    assert capfd.readouterr().err == ""  # dotenv's own warning is pydantic-settings' to give

@@ -888,9 +888,21 @@ _REFUSED_TWICE = (
             OSError(errno.ENETUNREACH, "Network is unreachable"),
             "the connection failed (Network is unreachable)",
         ),
+        (
+            # asyncio's own shape, which names InvoisX's address: only errno's text is told.
+            OSError(errno.EHOSTUNREACH, "Connect call failed ('203.0.113.9', 443)"),
+            "the connection failed (No route to host)",
+        ),
         (OSError("odd"), "the connection failed"),
     ],
-    ids=["dns", "refused-on-every-address", "refused-on-one-only", "no-route", "unknown"],
+    ids=[
+        "dns",
+        "refused-on-every-address",
+        "refused-on-one-only",
+        "no-route",
+        "asyncio-names-the-address",
+        "unknown",
+    ],
 )
 def test_connect_failures_the_loopback_cannot_stage_are_named(error: OSError, message: str) -> None:
     assert connect_failure(error) == f"InvoisX could not be reached: {message}."
