@@ -155,14 +155,12 @@ class ClientProtocol(HttpToolsProtocol):
         """After a read that started no call (blank lines, the rest of a body answered
         early): idle as before it, or the read would have stopped the keep-alive clock and
         the count for good."""
-        cycle = self.cycle
         if self.pipeline or self.transport.is_closing() or "method" not in (self.scope or {}):
             return  # a call waits, the connection is going, or a new head is arriving
-        if cycle is not None and cycle.scope is self.scope:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
-            self._count_idle()
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+        self._count_idle()
 
     def _unset_keepalive_if_required(self) -> None:
         # uvicorn's, plus: the connection is busy again (or gone), no longer idle.
