@@ -181,8 +181,6 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         exception_handlers={Exception: internal_error},
     )
     app.router.redirect_slashes = False
-    app.state.tokens = tokens
-    app.state.configs = configs
     app.state.health = health
     app.state.metrics = metrics
     protocol = client_protocol(

@@ -44,7 +44,7 @@ class _LineWriter:
         except RuntimeError:
             self.flush()
 
-    info = warning = error = critical = exception = msg
+    debug = info = warning = error = critical = exception = msg
 
     def flush(self) -> None:
         """Write the pending lines now."""
@@ -53,8 +53,12 @@ class _LineWriter:
         data = b"\n".join(self._pending) + b"\n"
         self._pending.clear()
         for stream in self._streams:
-            stream.write(data)
-            stream.flush()
+            # Each stream on its own: a closed stdout pipe must not cost the file its lines.
+            try:
+                stream.write(data)
+                stream.flush()
+            except (OSError, ValueError):
+                continue
 
 
 _LEAD_KEYS = ("timestamp", "level", "event")

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 
+from proxy.audit import AuditLog
 from proxy.credentials import fingerprint
-from tests.conftest import TOKEN, ProxyProcess, Recorder, Reply, RunningProxy
+from tests.conftest import (
+    TOKEN,
+    ProxyProcess,
+    Recorder,
+    Reply,
+    RunningProxy,
+    free_port,
+    subprocess_env,
+)
 
 Upstream = tuple[Recorder, str]
 
@@ -59,7 +72,8 @@ def test_forwarded_line_has_every_field(proxy: RunningProxy) -> None:
     assert line["bytes_out"] == len(response.content)
     assert 0 <= line["upstream_ms"] <= line["duration_ms"]
     stamp = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
-    assert stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0
+    offset = stamp.utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
     assert "secret-buyer-name" not in proxy.log_path.read_text()
 
 
@@ -128,14 +142,18 @@ def test_nothing_secret_in_any_response_or_log_line(
 
 
 def test_startup_and_shutdown_are_logged_as_json(
-    recorder: Upstream, start_proxy: Callable[..., RunningProxy]
+    recorder: Upstream, spawn_proxy: Callable[..., ProxyProcess]
 ) -> None:
-    proxy = start_proxy(recorder[1])
-    events = [line["event"] for line in proxy.log_lines()]
-    assert events == ["startup"]
-    startup = proxy.log_lines()[0]
+    proxy = spawn_proxy(
+        INVOISX_API_TOKEN=TOKEN, INVOISX_API_URL=recorder[1], INVOISX_TOKEN_PERMISSIONS="read"
+    )
+    startup = proxy.wait_for("startup")
     assert startup["token_fingerprint"] == fingerprint(TOKEN)
     assert startup["upstream"] == recorder[1]
+    assert proxy.stop() == 0
+    own = [line for line in proxy.lines() if "logger" not in line]  # uvicorn's lines aside
+    assert [line["event"] for line in own] == ["startup", "shutdown"]
+    assert own[1]["token_fingerprint"] == fingerprint(TOKEN)
 
 
 def test_uvicorns_lines_have_the_audit_lines_shape(
@@ -152,3 +170,57 @@ def test_uvicorns_lines_have_the_audit_lines_shape(
     uvicorn_lines = [json.loads(line) for line in lines if '"logger":"uvicorn.error"' in line]
     assert "Application startup complete." in [line["event"] for line in uvicorn_lines]
     assert {"request", "startup", "shutdown"} <= {json.loads(line)["event"] for line in lines}
+
+
+def test_every_level_writes_a_line_debug_included(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path, to_stdout=False)
+    for level in ("debug", "info", "warning", "error", "critical"):
+        getattr(audit.logger, level)("probe", at=level)
+    audit.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["level"] for line in lines] == ["debug", "info", "warning", "error", "critical"]
+
+
+def test_a_closed_stdout_does_not_cost_the_log_file_its_lines(
+    tmp_path: Path, recorder: Upstream
+) -> None:
+    log = tmp_path / "audit.log"
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--port", str(port)],
+        env=subprocess_env(
+            INVOISX_API_TOKEN=TOKEN, INVOISX_API_URL=recorder[1], INVOISX_PROXY_LOG_FILE=str(log)
+        ),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()  # started; then nobody reads stdout any more
+        process.stdout.close()
+        deadline = time.monotonic() + 15
+        while not log.exists() or '"event":"startup"' not in log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in range(3):
+            _wait_for_answer(f"http://127.0.0.1:{port}/api/v1/buyers")
+        deadline = time.monotonic() + 5
+        while log.read_text().count('"event":"request"') < 3:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _wait_for_answer(url: str) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert httpx.get(url).status_code == 200
+            return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

@@ -78,7 +78,8 @@ def test_dns_rebinding_and_cross_site_over_http(
 
 def test_websocket_upgrade_is_refused(proxy: RunningProxy, recorder: tuple[Recorder, str]) -> None:
     host_port = proxy.url.removeprefix("http://")
-    with socket.create_connection(host_port.split(":")) as raw:
+    host, port = host_port.split(":")
+    with socket.create_connection((host, int(port))) as raw:
         raw.sendall(
             b"GET /api/v1/buyers HTTP/1.1\r\nHost: " + host_port.encode() + b"\r\n"
             b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from proxy.keys import KEY_PREFIX, key_sha256, new_key
+from proxy.keys import KEY_PREFIX, key_sha256
 from tests.conftest import Recorder, RunningProxy, subprocess_env
 
 COMMAND = [sys.executable, "-m", "proxy", "keys"]
@@ -46,8 +47,12 @@ def test_new_key_and_its_table_let_the_app_in(
     assert proxy.audit_of(response)["client"] == "billing-job"
 
 
-def test_each_new_key_is_different() -> None:
-    assert len({new_key() for _ in range(100)}) == 100
+def test_each_key_the_command_prints_is_new_and_long() -> None:
+    keys = [_run("new", "app", "--permissions", "read").stdout.splitlines()[1] for _ in range(3)]
+    assert len(set(keys)) == 3
+    for key in keys:
+        # 256 random bits, URL-safe base64: 43 characters after the prefix.
+        assert re.fullmatch(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{43}", key), key
 
 
 def test_hash_reads_the_key_on_stdin() -> None:

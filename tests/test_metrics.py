@@ -73,7 +73,10 @@ def test_metrics_after_a_mix_of_calls(
     assert samples[("invoisx_proxy_upstream_auth_failures_total", frozenset())] == 1
     info = ("invoisx_proxy_token_info", frozenset({("fingerprint", fingerprint(TOKEN))}))
     assert samples[info] == 1
-    expiry_sample = ("invoisx_proxy_token_expiry_timestamp_seconds", frozenset())
+    expiry_sample: tuple[str, frozenset[tuple[str, str]]] = (
+        "invoisx_proxy_token_expiry_timestamp_seconds",
+        frozenset(),
+    )
     assert samples[expiry_sample] == expiry.timestamp()
     for result in ("success", "unchanged", "error"):
         reload_sample = ("invoisx_proxy_token_reloads_total", frozenset({("result", result)}))

@@ -246,7 +246,8 @@ _query_pairs = st.lists(
 _benign_query = st.sampled_from([None, "", "page=2", "per_page=15&search=acme", "method=x"])
 _hostile_query = st.one_of(st.text(_QUERY_CHARS, max_size=120), _query_pairs)
 
-_case_change = st.sampled_from([str, str.lower, str.upper, str.swapcase, str.title])
+_CASE_CHANGES: list[Callable[[str], str]] = [str, str.lower, str.upper, str.swapcase, str.title]
+_case_change = st.sampled_from(_CASE_CHANGES)
 # Headers the proxy must drop or replace, and others it should pass; none of them refuses.
 _PASSING_HEADERS: list[tuple[tuple[str, bytes], ...]] = [
     (("Cookie", f"session={COOKIE_MARK}".encode()),),
@@ -484,7 +485,9 @@ def _expected(
     # The listener refuses a target over 8 KiB as it reads it (give or take an absolute
     # form's scheme and host); llhttp refuses a raw non-ASCII byte where it finds it.
     target = len(case.path) + (len(case.query) + 1 if case.query is not None else 0)
-    too_long = {Refusal(414, "URI_TOO_LONG")} if target > MAX_TARGET_BYTES - 64 else set()
+    too_long: set[Outcome] = (
+        {Refusal(414, "URI_TOO_LONG")} if target > MAX_TARGET_BYTES - 64 else set()
+    )
     if any(byte >= 0x7F for byte in case.path):
         return {Refusal(400, "BAD_REQUEST")} | too_long
     if target > MAX_TARGET_BYTES + 64:

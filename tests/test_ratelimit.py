@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -15,9 +16,11 @@ from proxy.keys import config_block
 from proxy.ratelimit import RateLimiter
 from tests.conftest import RunningProxy, Sandbox
 
+T = TypeVar("T")
 
-def _run(coroutine: object) -> object:
-    return asyncio.run(coroutine)  # type: ignore[arg-type]
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
 
 
 def test_half_a_minute_passes_at_once_the_rest_in_rounds_then_steady_refill() -> None:
@@ -28,7 +31,7 @@ def test_half_a_minute_passes_at_once_the_rest_in_rounds_then_steady_refill() ->
         whole_minute = time.monotonic() - started
         return sorted(waits), whole_minute, await limiter.acquire("app")
 
-    waits, whole_minute, next_one = _run(scenario())  # type: ignore[misc]
+    waits, whole_minute, next_one = _run(scenario())
     assert 30 <= waits.count(0.0) <= 31  # the first half at once
     assert all(wait < 1.5 for wait in waits)  # the rest in 20 ms rounds
     assert whole_minute < 1.5
@@ -36,7 +39,7 @@ def test_half_a_minute_passes_at_once_the_rest_in_rounds_then_steady_refill() ->
 
 
 def test_the_queue_is_bounded_and_waiting_is_bounded() -> None:
-    async def scenario() -> tuple[list[object], float]:
+    async def scenario() -> tuple[list[float | BaseException], float]:
         limiter = RateLimiter(60, max_wait=0.3, max_queue=3)
         for _ in range(60):
             await limiter.acquire("app")
@@ -46,7 +49,7 @@ def test_the_queue_is_bounded_and_waiting_is_bounded() -> None:
         )
         return outcomes, time.monotonic() - started
 
-    outcomes, elapsed = _run(scenario())  # type: ignore[misc]
+    outcomes, elapsed = _run(scenario())
     refusals = [outcome for outcome in outcomes if isinstance(outcome, ProxyError)]
     assert len(refusals) == 5  # two turned away at once (queue full), three after 0.3 s
     assert sum("queue of waiting calls is full" in r.message for r in refusals) == 2
@@ -113,7 +116,7 @@ def test_invoisx_429_stops_calls_until_retry_after() -> None:
         await limiter.acquire("app")  # nothing remaining: wait for the refill
         return blocked, time.monotonic() - started
 
-    blocked, refill = _run(scenario())  # type: ignore[misc]
+    blocked, refill = _run(scenario())
     assert 0.95 <= blocked < 1.5
     assert 0.05 <= refill < 0.5
 
@@ -130,7 +133,7 @@ def test_a_cancelled_wait_leaves_the_queue() -> None:
         # The cancelled call's place is free again: one more may queue, for the refill.
         return await limiter.acquire("app")
 
-    assert 0.05 < _run(scenario()) < 1.6  # type: ignore[operator]
+    assert 0.05 < _run(scenario()) < 1.6
 
 
 def test_burst_from_two_apps_against_invoisx_limit(
@@ -224,4 +227,4 @@ def test_a_steady_stream_of_newcomers_cannot_postpone_the_rounds() -> None:
         await asyncio.gather(*calls)
         return granted
 
-    assert _run(scenario()) >= 50  # type: ignore[operator]
+    assert _run(scenario()) >= 50
