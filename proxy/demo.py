@@ -207,10 +207,12 @@ def run_demo(
         stack.callback(sandbox_socket.close)
         sandbox_api = _api_url(sandbox_socket)
         flag = Path(log_file) if log_file is not None else None
-        kept = _proxy_settings(token, sandbox_api, host, port, flag).log_file
+        listening = proxy_socket.getsockname()[1]
+        settings = _proxy_settings(token, sandbox_api, host, listening, flag)
+        kept = settings.log_file
         audit_path = kept or Path(stack.enter_context(_temporary_directory())) / "audit.log"
         start = _appendable_size(audit_path, "--log-file" if flag else LOG_FILE_VARIABLE)
-        settings = _proxy_settings(token, sandbox_api, host, port, audit_path)
+        settings = settings.model_copy(update={"log_file": audit_path})
         app = create_app(settings, audit_to_stdout=not tour)
         with ExitStack() as servers:
             sandbox = _sandbox_config(create_sandbox_app([token]))

@@ -177,16 +177,28 @@ async def _reset_before_response(
     return False
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+
+
+def _answers(raw: bytes, *, keep: bool = False) -> Handler:
+    """A fault whose whole answer is `raw`; `keep`: the connection is kept for the next call."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(raw)
+        await writer.drain()
+        return keep
+
+    return answer
+
+
+_LONGER_BODY = b'{"success":true}'
+_GZIPPED = gzip.compress(OK_BODY)
+
+
 async def _close_before_response(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> bool:
     writer.close()
-    return False
-
-
-async def _cut_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: appli")
-    await writer.drain()
     return False
 
 
@@ -226,51 +238,6 @@ async def _trickle_headers(reader: asyncio.StreamReader, writer: asyncio.StreamW
     return False
 
 
-async def _longer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    body = b'{"success":true}'
-    writer.write(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body
-        + _SMUGGLED_RESPONSE
-    )
-    await writer.drain()
-    return True  # keep the connection: whoever reuses it must not read the smuggled answer
-
-
-async def _shorter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    writer.write(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-    )
-    writer.write(b'{"success":true,"data":[]}')
-    await writer.drain()
-    return False
-
-
-async def _garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    writer.write(b"\x00\xffSSH-2.0-OpenSSH_9.6\r\n\x16\x03\x01 not http at all\r\n\r\n")
-    await writer.drain()
-    return False
-
-
-async def _bad_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    writer.write(
-        b"HTTP/1.1 2OO OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-    )
-    await writer.drain()
-    return False
-
-
-async def _bad_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    writer.write(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-        b"\r\nzz\r\n{}\r\n0\r\n\r\n"
-    )
-    await writer.drain()
-    return False
-
-
 async def _stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     writer.write(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -301,25 +268,6 @@ async def _endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamW
     return False
 
 
-async def _status_777(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    writer.write(b"HTTP/1.1 777 X\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-    await writer.drain()
-    return True
-
-
-_GZIPPED = gzip.compress(OK_BODY)
-
-
-async def _gzip_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    writer.write(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: gzip, chunked\r\n\r\n"
-        b"%x\r\n%b\r\n0\r\n\r\n" % (len(_GZIPPED), _GZIPPED)
-    )
-    await writer.drain()
-    return True
-
-
 async def _gzip_until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     writer.write(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip\r\n\r\n"
@@ -338,23 +286,44 @@ _HANG_UP_NEXT: dict[str, Callable[[asyncio.StreamWriter], None]] = {
     "close-next": asyncio.StreamWriter.close,
     "reset-next": _reset,
 }
-FAULTS: dict[str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]] = {
+FAULTS: dict[str, Handler] = {
     "ok": _ok,
     "reset": _reset_before_response,
     "close": _close_before_response,
-    "cut-head": _cut_head,
+    "cut-head": _answers(b"HTTP/1.1 200 OK\r\nContent-Type: appli"),
     "reset-mid-body": _reset_mid_body,
     "slow": _slow,
     "trickle-headers": _trickle_headers,
-    "longer": _longer,
-    "shorter": _shorter,
-    "garbage": _garbage,
-    "bad-status": _bad_status,
-    "bad-chunk": _bad_chunk,
+    # Keeps the connection: whoever reuses it must not read the smuggled answer.
+    "longer": _answers(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b%b"
+        % (len(_LONGER_BODY), _LONGER_BODY, _SMUGGLED_RESPONSE),
+        keep=True,
+    ),
+    "shorter": _answers(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        b'{"success":true,"data":[]}'
+    ),
+    "garbage": _answers(b"\x00\xffSSH-2.0-OpenSSH_9.6\r\n\x16\x03\x01 not http at all\r\n\r\n"),
+    "bad-status": _answers(
+        b"HTTP/1.1 2OO OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    ),
+    "bad-chunk": _answers(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\nzz\r\n{}\r\n0\r\n\r\n"
+    ),
     "stream": _stream,
     "endless-trailer": _endless_trailer,
-    "status-777": _status_777,
-    "gzip-chunked": _gzip_chunked,
+    "status-777": _answers(
+        b"HTTP/1.1 777 X\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        keep=True,
+    ),
+    "gzip-chunked": _answers(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+        b"%x\r\n%b\r\n0\r\n\r\n" % (len(_GZIPPED), _GZIPPED),
+        keep=True,
+    ),
     "gzip-until-close": _gzip_until_close,
     "close-next": _ok_after_a_while,
     "reset-next": _ok_after_a_while,
