@@ -25,9 +25,9 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.app import create_app
-from proxy.forward import request_headers
-from proxy.serving import run_until_signalled, server_config, tune_gc
-from proxy.settings import ConfigError, load_settings
+from proxy.config.settings import ConfigError, load_settings
+from proxy.server.serving import run_until_signalled, server_config, tune_gc
+from proxy.upstream.forwarder import request_headers
 
 _BODY = b'{"success":true,"data":[]}'
 _ANSWER_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_BODY))]

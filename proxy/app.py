@@ -23,19 +23,19 @@ from structlog.typing import FilteringBoundLogger
 
 from proxy import __version__
 from proxy.audit import AuditLog
-from proxy.configfile import ConfigHolder, ConfigReload, build_config, load_config_file
-from proxy.credentials import TokenHolder, UpstreamToken, load_token
+from proxy.config.configfile import ConfigHolder, ConfigReload, build_config, load_config_file
+from proxy.config.credentials import TokenHolder, UpstreamToken, load_token
+from proxy.config.rotation import TokenRotation, warn_before_expiry
+from proxy.config.settings import Settings, is_loopback
+from proxy.config.watch import FileWatch
 from proxy.errors import INTERNAL_ERROR, envelope
-from proxy.forward import Forwarder
 from proxy.health import TokenHealth
-from proxy.idempotency import BodyBudget, MemoryStore
-from proxy.listener import ClientProtocol, client_protocol
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.pipeline import ProxyEndpoint
-from proxy.ratelimit import RateLimiter
-from proxy.rotation import TokenRotation, warn_before_expiry
-from proxy.settings import Settings, is_loopback
-from proxy.watch import FileWatch
+from proxy.server.listener import ClientProtocol, client_protocol
+from proxy.stages.idempotency import BodyBudget, MemoryStore
+from proxy.stages.ratelimit import RateLimiter
+from proxy.upstream.forwarder import Forwarder
 
 __all__ = ["ProxyFirst", "create_app"]
 

@@ -15,7 +15,7 @@ import orjson
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from proxy.settings import ConfigError
+from proxy.config.settings import ConfigError
 
 __all__ = ["AuditLog", "uvicorn_log_config"]
 

@@ -11,13 +11,13 @@ from pydantic import ValidationError
 
 from proxy import __version__
 from proxy.app import create_app
-from proxy.configfile import ConfigFile
-from proxy.demo import run_demo, run_sandbox
-from proxy.identity import ClientSpec
-from proxy.keys import config_block, key_sha256, new_key
+from proxy.config.configfile import ConfigFile
+from proxy.config.keys import config_block, key_sha256, new_key
+from proxy.config.settings import ConfigError, Settings, load_settings
+from proxy.demo.command import run_demo, run_sandbox
 from proxy.report import FAIL_ON, FORMATS, AuditError, audit_options, run_audit
-from proxy.serving import bind, run_until_signalled, server_config, tune_gc
-from proxy.settings import ConfigError, Settings, load_settings
+from proxy.server.serving import bind, run_until_signalled, server_config, tune_gc
+from proxy.stages.caller import ClientSpec
 
 __all__ = ["main", "serve"]
 

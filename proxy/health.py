@@ -12,9 +12,9 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from proxy.credentials import TOKEN_LEVEL_ERRORS, TokenHolder, UpstreamToken
-from proxy.forward import Forwarder
+from proxy.config.credentials import TOKEN_LEVEL_ERRORS, TokenHolder, UpstreamToken
 from proxy.metrics import Metrics
+from proxy.upstream.forwarder import Forwarder
 
 __all__ = ["TokenHealth"]
 

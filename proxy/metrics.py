@@ -25,9 +25,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from proxy.credentials import TokenHolder
-from proxy.policy import METHOD_PERMISSIONS
-from proxy.ratelimit import header_number
+from proxy.config.credentials import TokenHolder
+from proxy.stages.policy import METHOD_PERMISSIONS
+from proxy.stages.ratelimit import header_number
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

@@ -18,10 +18,23 @@ from urllib.parse import parse_qsl
 from starlette.types import Receive, Scope, Send
 from structlog.typing import FilteringBoundLogger
 
-from proxy.configfile import ActiveConfig, ConfigHolder
-from proxy.credentials import TokenHolder, UpstreamToken
+from proxy.config.configfile import ActiveConfig, ConfigHolder
+from proxy.config.credentials import TokenHolder, UpstreamToken
 from proxy.errors import INTERNAL_ERROR, SHUTTING_DOWN, ProxyError, send_error
-from proxy.forward import (
+from proxy.health import TokenHealth
+from proxy.metrics import Metrics
+from proxy.server.listener import WireRefusal
+from proxy.stages.caller import check_caller, peer_address
+from proxy.stages.idempotency import (
+    BodyBudget,
+    IdempotencyStore,
+    forward_once,
+    idempotency_key,
+    request_fingerprint,
+)
+from proxy.stages.policy import METHOD_PERMISSIONS, JsonKeyScan, check_no_method_override
+from proxy.stages.target import parse_target, route_template
+from proxy.upstream.forwarder import (
     BodyIncomplete,
     Capture,
     ClientDisconnected,
@@ -29,19 +42,6 @@ from proxy.forward import (
     Forwarder,
     read_body,
 )
-from proxy.health import TokenHealth
-from proxy.idempotency import (
-    BodyBudget,
-    IdempotencyStore,
-    forward_once,
-    idempotency_key,
-    request_fingerprint,
-)
-from proxy.identity import check_caller, peer_address
-from proxy.listener import WireRefusal
-from proxy.metrics import Metrics
-from proxy.paths import parse_target, route_template
-from proxy.policy import METHOD_PERMISSIONS, JsonKeyScan, check_no_method_override
 
 __all__ = ["ProxyEndpoint"]
 

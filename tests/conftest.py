@@ -27,9 +27,9 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.app import create_app
+from proxy.config.settings import load_settings
 from proxy.sandbox import SandboxToken, create_sandbox_app, new_token_value
-from proxy.serving import bind, server_config, serving_in_thread
-from proxy.settings import load_settings
+from proxy.server.serving import bind, server_config, serving_in_thread
 
 TOKEN = "ixt_live_7Qw9xZ2mK4pL8sV1nB6cR3tY5uH0jD"
 # The document types the README names, written out rather than imported from the proxy, so

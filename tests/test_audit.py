@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from proxy.audit import AuditLog
-from proxy.credentials import fingerprint
+from proxy.config.credentials import fingerprint
 from tests.conftest import (
     TOKEN,
     ProxyProcess,

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.keys import config_block
+from proxy.config.keys import config_block
 from tests.conftest import RunningProxy, Sandbox, free_port, subprocess_env
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.configfile import build_config, load_config_file
-from proxy.keys import config_block, key_sha256
-from proxy.settings import ConfigError, load_settings
+from proxy.config.configfile import build_config, load_config_file
+from proxy.config.keys import config_block, key_sha256
+from proxy.config.settings import ConfigError, load_settings
 from tests.conftest import (
     DOCUMENT_TYPES,
     TOKEN,

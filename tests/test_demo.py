@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.tour import BUYER, run_tour
+from proxy.demo.tour import BUYER, run_tour
 from tests.conftest import RunningProxy, Sandbox, free_port, subprocess_env
 
 COMMAND = [sys.executable, "-m", "proxy"]

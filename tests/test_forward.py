@@ -21,8 +21,8 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from proxy import __version__
-from proxy.forward import request_headers, response_headers
-from proxy.serving import bind, serving_in_thread
+from proxy.server.serving import bind, serving_in_thread
+from proxy.upstream.forwarder import request_headers, response_headers
 from tests.conftest import (
     TOKEN,
     Recorded,

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from proxy.credentials import fingerprint
-from proxy.settings import ConfigError, load_settings
+from proxy.config.credentials import fingerprint
+from proxy.config.settings import ConfigError, load_settings
 from tests.conftest import TOKEN, Recorded, Recorder, Reply, RunningProxy
 
 

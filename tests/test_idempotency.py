@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.config.keys import config_block
 from proxy.errors import ProxyError
-from proxy.idempotency import MemoryStore, StoredResponse
-from proxy.keys import config_block
+from proxy.stages.idempotency import MemoryStore, StoredResponse
 from tests.conftest import Recorded, Recorder, Reply, RunningProxy
 from tests.wire import RawResponse, assert_proxy_error, parse_response
 

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from proxy.errors import ProxyError
-from proxy.identity import check_caller, peer_address
+from proxy.stages.caller import check_caller, peer_address
 from tests.conftest import Recorder, RunningProxy
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from proxy.keys import KEY_PREFIX, key_sha256
+from proxy.config.keys import KEY_PREFIX, key_sha256
 from tests.conftest import Recorder, RunningProxy, subprocess_env
 
 COMMAND = [sys.executable, "-m", "proxy", "keys"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.listener import idle_bound
+from proxy.server.listener import idle_bound
 from tests.conftest import Recorded, Recorder, Reply, RunningProxy
 from tests.wire import assert_proxy_error, exchange, parse_response
 

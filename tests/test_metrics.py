@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.credentials import fingerprint
+from proxy.config.credentials import fingerprint
 from tests.conftest import TOKEN, Recorded, Recorder, Reply, RunningProxy
 
 UNAUTHORIZED = b'{"success":false,"message":"Unauthenticated.","error_code":"UNAUTHORIZED"}'

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from proxy.errors import ProxyError
-from proxy.paths import KNOWN_NAMES, parse_target, route_template
+from proxy.stages.target import KNOWN_NAMES, parse_target, route_template
 from tests.conftest import Recorder, RunningProxy
 
 ATTACKS = [

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from proxy.errors import ProxyError
-from proxy.policy import Permission, Policy, RuleSpec, parse_permissions
+from proxy.stages.policy import Permission, Policy, RuleSpec, parse_permissions
 from tests.conftest import DOCUMENT_TYPES, TOKEN, Recorder, RunningProxy
 
 Upstream = tuple[Recorder, str]

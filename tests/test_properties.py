@@ -36,7 +36,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.keys import config_block, new_key
+from proxy.config.keys import config_block, new_key
 from tests.conftest import DOCUMENT_TYPES, TOKEN, Recorded, Recorder, RunningProxy
 from tests.wire import PROXY_ERRORS, RawResponse, assert_proxy_error, exchange, parse_response
 

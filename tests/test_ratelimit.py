@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from proxy.config.keys import config_block
 from proxy.errors import ProxyError
-from proxy.keys import config_block
-from proxy.ratelimit import RateLimiter
+from proxy.stages.ratelimit import RateLimiter
 from tests.conftest import RunningProxy, Sandbox
 
 T = TypeVar("T")

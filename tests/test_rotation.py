@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from proxy.audit import AuditLog
-from proxy.credentials import TokenHolder, UpstreamToken, fingerprint
-from proxy.rotation import warn_before_expiry
+from proxy.config.credentials import TokenHolder, UpstreamToken, fingerprint
+from proxy.config.rotation import warn_before_expiry
 from tests.conftest import ProxyProcess, Recorded, Recorder, Reply, RunningProxy
 
 OLD = "ixt_live_old_A1b2C3d4E5f6G7h8"

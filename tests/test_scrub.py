@@ -13,7 +13,7 @@ import httpx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.scrub import Scrub
+from proxy.upstream.scrub import Scrub
 from tests.conftest import TOKEN, Recorder, Reply, RunningProxy
 from tests.test_forward import _raw_server
 from tests.wire import exchange, parse_response

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from proxy.serving import bind
-from proxy.settings import ConfigError
+from proxy.config.settings import ConfigError
+from proxy.server.serving import bind
 from tests.conftest import TOKEN, ProxyProcess, Recorder, Reply
 
 

@@ -8,10 +8,15 @@ from typing import Any
 
 import pytest
 
-from proxy.configfile import load_config_file
-from proxy.credentials import load_token
-from proxy.policy import Permission
-from proxy.settings import ConfigError, find_unknown_variables, known_variables, load_settings
+from proxy.config.configfile import load_config_file
+from proxy.config.credentials import load_token
+from proxy.config.settings import (
+    ConfigError,
+    find_unknown_variables,
+    known_variables,
+    load_settings,
+)
+from proxy.stages.policy import Permission
 from tests.conftest import TOKEN
 
 NOW = datetime(2026, 12, 2, tzinfo=UTC)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.upstream import (
+from proxy.upstream.http11 import (
     Broken,
     Connection,
     Dropped,

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from proxy.settings import MALAYSIA_TIME
+from proxy.config.settings import MALAYSIA_TIME
 
 __all__ = [
     "FAIL_ON",

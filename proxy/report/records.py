@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 
 from proxy.errors import ProxyError
-from proxy.paths import parse_target, route_template
 from proxy.report.source import READ_ERRORS, unreadable
+from proxy.stages.target import parse_target, route_template
 
 __all__ = [
     "NO_ROUTE",

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.types import Scope
 
 from proxy.errors import ProxyError
-from proxy.paths import DOCUMENT_ACTIONS, DOCUMENT_TYPES
+from proxy.stages.target import DOCUMENT_ACTIONS, DOCUMENT_TYPES
 
 __all__ = [
     "DEFAULT_RULES",

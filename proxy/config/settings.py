@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from proxy.policy import Permission, parse_permissions
+from proxy.stages.policy import Permission, parse_permissions
 
 __all__ = [
     "MALAYSIA_TIME",

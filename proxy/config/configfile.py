@@ -15,10 +15,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from structlog.typing import FilteringBoundLogger
 
-from proxy.identity import ANONYMOUS, CLIENT_NAME, UNIDENTIFIED, ClientKeys, ClientSpec
-from proxy.paths import KNOWN_NAMES
-from proxy.policy import Policy, RuleSpec
-from proxy.settings import ConfigError, Settings, is_loopback
+from proxy.config.settings import ConfigError, Settings, is_loopback
+from proxy.stages.caller import ANONYMOUS, CLIENT_NAME, UNIDENTIFIED, ClientKeys, ClientSpec
+from proxy.stages.policy import Policy, RuleSpec
+from proxy.stages.target import KNOWN_NAMES
 
 __all__ = [
     "ActiveConfig",

@@ -25,9 +25,9 @@ from typing import Protocol
 
 from starlette.types import Scope, Send
 
-from proxy.credentials import TOKEN_LEVEL_ERRORS
+from proxy.config.credentials import TOKEN_LEVEL_ERRORS
 from proxy.errors import ProxyError
-from proxy.forward import Capture, Exchange
+from proxy.upstream.forwarder import Capture, Exchange
 
 __all__ = [
     "MAX_KEPT_RESPONSE",

@@ -23,6 +23,8 @@ from starlette.types import ASGIApp
 
 from proxy.app import create_app
 from proxy.audit import uvicorn_log_config
+from proxy.config.settings import ConfigError, Settings, load_settings
+from proxy.demo.tour import curl_lines, print_tour_report, run_tour
 from proxy.sandbox import (
     PERMISSIONS,
     OneLineErrors,
@@ -30,9 +32,7 @@ from proxy.sandbox import (
     create_sandbox_app,
     new_token_value,
 )
-from proxy.serving import bind, run_until_signalled, server_config, serving_in_thread
-from proxy.settings import ConfigError, Settings, load_settings
-from proxy.tour import curl_lines, print_tour_report, run_tour
+from proxy.server.serving import bind, run_until_signalled, server_config, serving_in_thread
 
 __all__ = ["run_demo", "run_sandbox", "serve_line"]
 

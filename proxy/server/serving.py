@@ -22,7 +22,7 @@ from starlette.types import ASGIApp
 
 from proxy.app import ProxyFirst
 from proxy.audit import uvicorn_log_config
-from proxy.settings import ConfigError, Settings
+from proxy.config.settings import ConfigError, Settings
 
 __all__ = ["bind", "run_until_signalled", "server_config", "serving_in_thread", "tune_gc"]
 
@@ -45,9 +45,9 @@ def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.C
         # On SIGTERM: stop accepting, let calls in flight finish for up to this long.
         "timeout_graceful_shutdown": settings.shutdown_grace,
         # Longer than clients keep idle connections in their pools, so a client never reuses
-        # one the proxy is closing at that moment; `proxy.listener` bounds how many idle.
+        # one the proxy is closing at that moment; `proxy.server.listener` bounds how many idle.
         "timeout_keep_alive": settings.keepalive_timeout,
-        # The proxy's own reading of requests (`proxy.listener`); other apps get uvicorn's.
+        # The proxy's own reading of requests (`proxy.server.listener`); other apps get uvicorn's.
         "http": app.protocol if isinstance(app, ProxyFirst) else "httptools",
     }
     return uvicorn.Config(app, **(defaults | options))

@@ -4,7 +4,7 @@ Only end-to-end headers cross the proxy. The client's credentials, cookies and r
 headers never reach InvoisX; cookies and hop-by-hop headers never come back.
 Upstream failures are translated here, at one boundary, into 502 or 504.
 
-The connections themselves are `proxy.upstream`'s. Timeouts and the client-disconnect watch
+The connections themselves are `proxy.upstream.http11`'s. Timeouts and the client-disconnect watch
 are checked once a tick for every call in flight, rather than with timers set and cancelled
 on every call (README, Performance).
 """
@@ -24,10 +24,9 @@ from structlog.typing import FilteringBoundLogger
 from proxy import __version__
 from proxy.errors import BODY_INCOMPLETE, Decision, ProxyError, headers_too_large
 from proxy.metrics import Metrics
-from proxy.policy import Permission
-from proxy.ratelimit import RateLimiter, header_number
-from proxy.scrub import Scrub
-from proxy.upstream import (
+from proxy.stages.policy import Permission
+from proxy.stages.ratelimit import RateLimiter, header_number
+from proxy.upstream.http11 import (
     Broken,
     Connection,
     Dropped,
@@ -37,6 +36,7 @@ from proxy.upstream import (
     Unreachable,
     UpstreamError,
 )
+from proxy.upstream.scrub import Scrub
 
 __all__ = [
     "BodyIncomplete",
@@ -195,7 +195,7 @@ def request_headers(
     kept.append((b"accept", _check_utf8(accept)))
     if has_body and b"content-type" not in present:
         kept.append((b"content-type", _JSON))
-    # Never compressed: the token scrub (`proxy.scrub`) must be able to read every answer.
+    # Never compressed: the token scrub (`proxy.upstream.scrub`) must be able to read every answer.
     kept.append((b"accept-encoding", b"identity"))
     if b"user-agent" not in present:
         kept.append((b"user-agent", _USER_AGENT))

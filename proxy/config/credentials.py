@@ -6,7 +6,7 @@ import hashlib
 from datetime import datetime
 from pathlib import Path
 
-from proxy.settings import ConfigError, Settings, parse_expiry
+from proxy.config.settings import ConfigError, Settings, parse_expiry
 
 __all__ = [
     "TOKEN_LEVEL_ERRORS",

@@ -1,6 +1,6 @@
 """Token rotation without restart, and the warning before the token expires.
 
-The token file is watched (`proxy.watch`); a good new file swaps the token atomically in the
+The token file is watched (`proxy.config.watch`); a good new file swaps the token atomically in the
 `TokenHolder`, a bad one keeps the last good token. Every outcome is logged and counted.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from structlog.typing import FilteringBoundLogger
 
-from proxy.credentials import TokenHolder, parse_token_file
+from proxy.config.credentials import TokenHolder, parse_token_file
+from proxy.config.settings import ConfigError
 from proxy.metrics import Metrics
-from proxy.settings import ConfigError
 
 __all__ = ["TokenRotation", "warn_before_expiry"]
 

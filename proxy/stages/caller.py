@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from starlette.types import Scope
 
+from proxy.config.keys import key_sha256
+from proxy.config.settings import is_loopback
 from proxy.errors import ProxyError
-from proxy.keys import key_sha256
-from proxy.policy import Permission, parse_permissions
-from proxy.settings import is_loopback
+from proxy.stages.policy import Permission, parse_permissions
 
 __all__ = [
     "ANONYMOUS",

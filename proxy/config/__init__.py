@@ -1,0 +1,1 @@
+"""Configuration: settings, the token and its rotation, the config file, client keys."""

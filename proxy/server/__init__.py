@@ -1,0 +1,1 @@
+"""The client side of the wire: binding the listener, reading requests as uvicorn protocols."""
