@@ -1,4 +1,4 @@
-# invoisx-proxy as a container (README: "Running as a sidecar (Docker)").
+# invoisx-proxy as a container (docs/docker.md).
 #   docker build -t invoisx-proxy .
 # The builder installs the package from this source tree into a venv; the final image gets
 # only that venv, so no build tools, sources or pip caches ship.

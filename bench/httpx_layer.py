@@ -1,4 +1,4 @@
-"""What keeping httpx as the forward stage's client API would cost (README, Performance).
+"""What keeping httpx as the forward stage's client API would cost (bench/README.md).
 
 httpx's client layer (build_request, send, the response stream, aclose) runs here over a
 transport that answers at once, so what is measured is the layer alone, whatever transport
@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxy.app import create_app
 from proxy.config.settings import ConfigError, load_settings
 from proxy.server.serving import run_until_signalled, server_config, tune_gc
-from proxy.upstream.forwarder import request_headers
+from proxy.upstream.headers import request_headers
 
 _BODY = b'{"success":true,"data":[]}'
 _ANSWER_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_BODY))]

@@ -34,6 +34,7 @@ from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.pipeline import ProxyEndpoint
 from proxy.server.listener import ClientProtocol, client_protocol
 from proxy.stages.idempotency import BodyBudget, MemoryStore
+from proxy.stages.limits import Limits
 from proxy.stages.ratelimit import RateLimiter
 from proxy.upstream.forwarder import Forwarder
 
@@ -70,8 +71,8 @@ class ProxyFirst:
     """ASGI entry: the proxy's own routes (and lifespan) go to Starlette, every other HTTP
     request straight to the proxy endpoint.
 
-    Starlette's middleware and routing cost a measurable share of every proxied call (README,
-    Performance); the endpoint answers its own errors (404 outside `/api/v1/` included), so
+    Starlette's middleware and routing cost a measurable share of every proxied call
+    (bench/README.md); the endpoint answers its own errors (404 outside `/api/v1/` included), so
     no path, however odd, falls through to a response outside the InvoisX envelope.
     """
 
@@ -103,17 +104,8 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         log=audit.logger,
         metrics=metrics,
         base_url=settings.api_url,
-        max_body=settings.max_body_bytes,
         timeout=settings.upstream_timeout,
-        max_header_bytes=settings.max_header_bytes,
         max_connections=settings.max_upstream_connections,
-        limiter=RateLimiter(
-            settings.rate_limit_per_minute,
-            max_wait=settings.rate_limit_max_wait,
-            max_queue=settings.rate_limit_max_queue,
-        )
-        if settings.rate_limit_per_minute
-        else None,
         retry_max=settings.retry_max,
         client_timeout=settings.client_timeout,
     )
@@ -127,18 +119,28 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
     endpoint = ProxyEndpoint(
         configs=configs,
         tokens=tokens,
-        forwarder=forwarder,
-        health=health,
-        metrics=metrics,
-        audit=audit.logger,
+        limits=Limits(
+            max_body=settings.max_body_bytes,
+            max_header_bytes=settings.max_header_bytes,
+            client_timeout=settings.client_timeout,
+        ),
+        limiter=RateLimiter(
+            settings.rate_limit_per_minute,
+            max_wait=settings.rate_limit_max_wait,
+            max_queue=settings.rate_limit_max_queue,
+        )
+        if settings.rate_limit_per_minute
+        else None,
         idempotency=MemoryStore(
             ttl=settings.idempotency_ttl,
             max_entries=settings.idempotency_max_entries,
             max_bytes=settings.idempotency_max_bytes,
         ),
         bodies=BodyBudget(settings.max_buffered_bytes),
-        max_body=settings.max_body_bytes,
-        client_timeout=settings.client_timeout,
+        forwarder=forwarder,
+        health=health,
+        metrics=metrics,
+        audit=audit.logger,
         loopback_listener=is_loopback(settings.host),
     )
     watches = []

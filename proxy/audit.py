@@ -10,14 +10,57 @@ import asyncio
 import sys
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import parse_qsl
 
 import orjson
 import structlog
+from starlette.types import Scope
 from structlog.typing import FilteringBoundLogger
 
 from proxy.config.settings import ConfigError
+from proxy.exchange import Exchange
+from proxy.stages.caller import peer_address
 
-__all__ = ["AuditLog", "uvicorn_log_config"]
+__all__ = ["AuditLog", "request_line", "uvicorn_log_config"]
+
+# Paths are logged as sent, but an absurd one must not blow up every log line.
+_MAX_LOGGED_PATH = 2048
+# Query keys are logged by name; bound them so one odd request cannot bloat the log.
+_MAX_LOGGED_KEYS = 32
+_MAX_KEY_LENGTH = 64
+
+
+def _query_keys(query_string: bytes) -> list[str]:
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    return sorted({key[:_MAX_KEY_LENGTH] for key, _ in pairs})[:_MAX_LOGGED_KEYS]
+
+
+def request_line(
+    exchange: Exchange, scope: Scope, token_fingerprint: str, seconds: float
+) -> dict[str, Any]:
+    """The fields of a call's `request` line: who, what, the outcome, never a value that
+    could carry a secret (the query's values, a body, a credential)."""
+    upstream_ms = exchange.upstream_ms
+    return {
+        "request_id": exchange.request_id,
+        "client": exchange.client,
+        "peer": peer_address(scope),
+        "method": scope["method"][:16],
+        "path": scope["raw_path"][:_MAX_LOGGED_PATH].decode("latin-1"),
+        "route": exchange.route,
+        "query_keys": _query_keys(scope["query_string"]),
+        "status": exchange.status,
+        "decision": exchange.decision,
+        "required_permission": exchange.required,
+        "error_code": exchange.error_code,
+        "duration_ms": round(seconds * 1000, 3),
+        "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
+        "waited_ms": round(exchange.waited_ms, 3),
+        "retries": exchange.retries,
+        "bytes_in": exchange.bytes_in,
+        "bytes_out": exchange.bytes_out,
+        "token_fingerprint": token_fingerprint,
+    }
 
 
 class _LineWriter:

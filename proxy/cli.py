@@ -17,7 +17,7 @@ from proxy.config.settings import ConfigError, Settings, load_settings
 from proxy.demo.command import run_demo, run_sandbox
 from proxy.report import FAIL_ON, FORMATS, AuditError, audit_options, run_audit
 from proxy.server.serving import bind, run_until_signalled, server_config, tune_gc
-from proxy.stages.caller import ClientSpec
+from proxy.stages.clients import ClientSpec
 
 __all__ = ["main", "serve"]
 

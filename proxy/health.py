@@ -13,6 +13,7 @@ from typing import Any
 from structlog.typing import FilteringBoundLogger
 
 from proxy.config.credentials import TOKEN_LEVEL_ERRORS, TokenHolder, UpstreamToken
+from proxy.exchange import new_request_id
 from proxy.metrics import Metrics
 from proxy.upstream.forwarder import Forwarder
 
@@ -55,7 +56,7 @@ class TokenHealth:
         """(ready, details) for `/readyz`; probes InvoisX first when a probe is due."""
         token = self._holder.current
         if self._probe_due():
-            status, error_code = await self._forwarder.probe(token.authorization)
+            status, error_code = await self._forwarder.probe(token.authorization, new_request_id())
             self.upstream_answered(token, status, error_code)
         expires_at = token.expires_at
         # Always present (null when unknown), so a monitor reads one shape in every state.

@@ -6,7 +6,7 @@ appears only as its fingerprint.
 
 What every API call updates is plain counting in the event loop's thread (`_Calls`), handed
 to prometheus-client as metric families when scraped: its thread-safe metric objects take a
-lock per update, which cost several microseconds on every call (README, Performance).
+lock per update, which cost several microseconds on every call (bench/README.md).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,8 @@ from proxy.sandbox import SandboxToken, create_sandbox_app, new_token_value
 from proxy.server.serving import bind, server_config, serving_in_thread
 
 TOKEN = "ixt_live_7Qw9xZ2mK4pL8sV1nB6cR3tY5uH0jD"
-# The document types the README names, written out rather than imported from the proxy, so
-# that a type dropped from the proxy's list fails the tests that use this one.
+# The document types docs/clients-and-permissions.md names, written out rather than imported
+# from the proxy, so that a type dropped from the proxy's list fails the tests that use it.
 DOCUMENT_TYPES = (
     "invoices",
     "credit-notes",
@@ -62,6 +63,49 @@ def free_port() -> int:
 def loopback_config(app: ASGIApp) -> uvicorn.Config:
     """uvicorn settings for a stand-in server: quiet, no lifespan."""
     return uvicorn.Config(app, log_config=None, lifespan="off")
+
+
+@contextmanager
+def raw_server(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> Iterator[int]:
+    """An asyncio TCP server running `handle` per connection, in a thread; yields its port.
+
+    On the way out its connections are closed and their tasks ended, as tests/faulty.py does.
+    """
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    ports: list[int] = []
+    stop = asyncio.Event()
+
+    async def handle_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle(reader, writer)
+        finally:
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle_and_close, "127.0.0.1", 0)
+        ports.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        async with server:
+            await stop.wait()
+            server.close()
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)  # let the transports finish closing
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10), "the raw server did not start"
+        yield ports[0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
 
 
 @dataclass

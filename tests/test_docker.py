@@ -172,7 +172,7 @@ def workdir(non_root: NonRoot) -> Iterator[Path]:
 
 
 def _secret_file(directory: Path, non_root: NonRoot) -> Path:
-    # As the README asks of ./secrets/invoisx_token: readable by the image's user, no one else.
+    # As docs/docker.md asks of ./secrets/invoisx_token: readable by the image's user, no one else.
     secret = directory / "invoisx_token"
     secret.write_text(f"{TOKEN}\n")
     os.chown(secret, non_root.uid, non_root.gid)

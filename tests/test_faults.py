@@ -45,7 +45,7 @@ def fault() -> Iterator[FaultServer]:
 def faulty_proxy(fault: FaultServer, start_proxy: Callable[..., RunningProxy]) -> RunningProxy:
     # Calls whose clients left hold their connection until the proxy notices, so the mix
     # below can have more calls in flight than clients: a pool that never makes them queue
-    # keeps each fault's outcome its own (tests/test_upstream.py covers the queue).
+    # keeps each fault's outcome its own (tests/upstream/test_pool.py covers the queue).
     return start_proxy(
         f"http://127.0.0.1:{fault.port}/api/v1",
         upstream_timeout=TIMEOUT,
@@ -712,7 +712,7 @@ def test_thousands_of_faults_leak_no_sockets_or_tasks(
     lines = faulty_proxy.audit_lines(at_least=total + 3)
     assert len([line for line in lines if line["request_id"].startswith("mix-")]) == total
     for record in caplog.records:
-        # README: uvicorn logs each response the proxy had to leave incomplete.
+        # docs/security.md: uvicorn logs each response the proxy had to leave incomplete.
         if record.levelno >= logging.ERROR:
             assert record.getMessage() == "ASGI callable returned without completing response."
     _assert_still_serving(faulty_proxy)

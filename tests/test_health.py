@@ -165,6 +165,6 @@ def test_readyz_has_the_same_keys_in_every_state(
     assert response.json() == {
         **state,
         "token_fingerprint": fingerprint(TOKEN),
-        # Null when unknown, never missing: README, Health.
+        # Null when unknown, never missing: docs/operations.md, Health.
         "token_expires_at": None if expiry is None else expiry.isoformat(),
     }

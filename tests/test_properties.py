@@ -5,7 +5,7 @@ backslashes, control characters, raw UTF-8, overlong and empty segments, absolut
 query string, headers (duplicates, odd casing, credentials, routing and method-override
 headers, `Connection` naming others, huge values, non-UTF-8 values), the body and its framing,
 the token's permissions and the client key. The expected outcome is computed here from the
-README alone (`_expected`); for every case:
+README and docs/security.md alone (`_expected`); for every case:
 
 - the server token is in no response and no log line;
 - the stand-in receives only what the policy allows, only below `/api/v1/`, exactly as sent,
@@ -409,7 +409,7 @@ def _query_bytes(query: str | None) -> bytes | None:
     return None if query is None else query.replace(" ", "%20").encode()
 
 
-# --- what the README says must happen ------------------------------------------------------
+# --- what the docs say must happen ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -473,9 +473,9 @@ def _method_override(query: bytes) -> bool | None:
 def _expected(
     case: Case, port: int, request_id: str, clients: list[frozenset[str]] | None
 ) -> set[Outcome]:
-    """Every outcome the README allows for `case`.
+    """Every outcome the docs allow for `case`.
 
-    Stages in the README's order: target, caller, client key, method, method override,
+    Stages in the pipeline's order: target, caller, client key, method, method override,
     policy, request size, header encoding. A stage that must refuse ends the list; one that
     may refuse adds its refusal and goes on.
     """

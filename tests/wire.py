@@ -18,11 +18,24 @@ from typing import Any
 __all__ = ["PROXY_ERRORS", "RawResponse", "assert_proxy_error", "exchange", "parse_response"]
 
 
+_ERROR_TABLE_HEADING = "## Errors the proxy answers itself"
+
+
 def _documented_errors() -> dict[str, int]:
-    """README's table "Errors the proxy answers itself": error_code -> status."""
+    """README's table under "Errors the proxy answers itself": error_code -> status.
+
+    The table is the first run of `|` lines after that heading, kept sorted by status, then
+    by error_code, so a reader finds a status where it belongs.
+    """
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme.split("Errors the proxy answers itself", 1)[1].split("\n\n", 2)[1]
-    rows = re.findall(r"^\| (\d{3}) \| `([A-Z_]+)` \|", table, flags=re.MULTILINE)
+    heading = f"\n{_ERROR_TABLE_HEADING}\n"
+    assert heading in readme, f"README has no heading {_ERROR_TABLE_HEADING!r}"
+    section = readme.split(heading, 1)[1].split("\n## ", 1)[0]
+    table = re.search(r"^\|.*\|$(?:\n^\|.*\|$)*", section, flags=re.MULTILINE)
+    assert table, "README's error table moved or changed shape"
+    rows = re.findall(r"^\| (\d{3}) \| `([A-Z_]+)` \|", table[0], flags=re.MULTILINE)
+    assert rows == sorted(rows), "README's error table is not sorted by status, then error_code"
+    assert len({code for _, code in rows}) == len(rows), "an error_code listed twice"
     return {code: int(status) for status, code in rows}
 
 

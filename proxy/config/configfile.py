@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from structlog.typing import FilteringBoundLogger
 
 from proxy.config.settings import ConfigError, Settings, is_loopback
-from proxy.stages.caller import ANONYMOUS, CLIENT_NAME, UNIDENTIFIED, ClientKeys, ClientSpec
+from proxy.stages.clients import ANONYMOUS, CLIENT_NAME, UNIDENTIFIED, ClientKeys, ClientSpec
 from proxy.stages.policy import Policy, RuleSpec
 from proxy.stages.target import KNOWN_NAMES
 

@@ -1,7 +1,7 @@
 """Settings: read once from the environment (and `.env`), validated, then passed around.
 
-The variable names are the public contract (README, `config/example.env`). A bad value stops
-start-up with one line naming the variable, via `ConfigError`.
+The variable names are the public contract (docs/settings.md, `config/example.env`). A bad
+value stops start-up with one line naming the variable, via `ConfigError`.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from proxy.errors import ProxyError, envelope, headers_too_large
+from proxy import errors
+from proxy.errors import ProxyError, envelope
 
 __all__ = ["MAX_TARGET_BYTES", "ClientProtocol", "WireRefusal", "client_protocol", "idle_bound"]
 
@@ -62,33 +63,6 @@ class WireRefusal:
 
 # Records the refusal (audit, metrics); returns the request id to answer with.
 Report = Callable[[WireRefusal], str]
-
-
-def _not_http() -> ProxyError:
-    return ProxyError(400, "BAD_REQUEST", "The request is not valid HTTP/1.1.")
-
-
-def _target_too_long() -> ProxyError:
-    return ProxyError(
-        414, "URI_TOO_LONG", f"The request target is longer than {MAX_TARGET_BYTES} bytes."
-    )
-
-
-def _framing_too_large() -> ProxyError:
-    return ProxyError(
-        431,
-        "HEADERS_TOO_LARGE",
-        f"The request's chunk framing or trailers ran over {_MAX_FRAMING_BYTES} bytes.",
-    )
-
-
-def _head_too_slow(seconds: float) -> ProxyError:
-    return ProxyError(
-        408,
-        "CLIENT_TIMEOUT",
-        f"The request head did not arrive within {seconds:g} seconds "
-        "(INVOISX_PROXY_CLIENT_TIMEOUT).",
-    )
 
 
 class _TargetTooLong(Exception):
@@ -192,10 +166,12 @@ class ClientProtocol(HttpToolsProtocol):
             return data[upgrade.args[0] :]
         except httptools.HttpParserCallbackError as error:
             too_long = isinstance(error.__context__, _TargetTooLong)
-            self._refuse(_target_too_long() if too_long else _not_http())
+            self._refuse(
+                errors.target_too_long(MAX_TARGET_BYTES) if too_long else errors.not_http()
+            )
             return b""
         except httptools.HttpParserError:
-            self._refuse(_not_http())
+            self._refuse(errors.not_http())
             return b""
         self._bound(len(data), scope, self._body_bytes - body_before)
         return b""
@@ -213,9 +189,9 @@ class ClientProtocol(HttpToolsProtocol):
                 self._seen += size
             # The exact check of the headers comes later (forward); this one bounds memory.
             if len(self.url) > MAX_TARGET_BYTES:
-                self._refuse(_target_too_long())
+                self._refuse(errors.target_too_long(MAX_TARGET_BYTES))
             elif self._seen > self.max_header_bytes + MAX_TARGET_BYTES:
-                self._refuse(headers_too_large(self.max_header_bytes))
+                self._refuse(errors.headers_too_large(self.max_header_bytes))
             return
         reading = self.cycle
         if reading is None or not reading.more_body:
@@ -224,7 +200,7 @@ class ClientProtocol(HttpToolsProtocol):
             self._counted, self._seen = current, 0
         self._seen = 0 if delivered else self._seen + size
         if self._seen > _MAX_FRAMING_BYTES:
-            self._refuse(_framing_too_large())
+            self._refuse(errors.framing_too_large(_MAX_FRAMING_BYTES))
 
     def _resume_skipped_body(self) -> None:
         """After an ignored upgrade offer: read its body, which the parser skipped, and what
@@ -272,7 +248,7 @@ class ClientProtocol(HttpToolsProtocol):
         if self.scope is None:  # not a byte since the connection opened
             self.transport.close()
         elif "method" not in self.scope:
-            self._refuse(_head_too_slow(self.client_timeout))
+            self._refuse(errors.head_too_slow(self.client_timeout))
 
     # --- parser callbacks -------------------------------------------------------------------
 

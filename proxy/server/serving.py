@@ -40,7 +40,7 @@ def server_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.C
         "server_header": False,
         # InvoisX's own Date header passes through; a second one would be confusing.
         "date_header": False,
-        # uvloop left some of 256 concurrent connections waiting for seconds (README).
+        # uvloop left some of 256 concurrent connections waiting for seconds (bench/README.md).
         "loop": "asyncio",
         # On SIGTERM: stop accepting, let calls in flight finish for up to this long.
         "timeout_graceful_shutdown": settings.shutdown_grace,

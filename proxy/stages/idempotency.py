@@ -25,13 +25,14 @@ from typing import Protocol
 
 from starlette.types import Scope, Send
 
+from proxy import errors
 from proxy.config.credentials import TOKEN_LEVEL_ERRORS
-from proxy.errors import ProxyError
-from proxy.upstream.forwarder import Capture, Exchange
+from proxy.exchange import Exchange
 
 __all__ = [
     "MAX_KEPT_RESPONSE",
     "BodyBudget",
+    "Capture",
     "IdempotencyStore",
     "MemoryStore",
     "StoredResponse",
@@ -55,6 +56,30 @@ class StoredResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes | None
+
+
+class Capture:
+    """A copy of the response as it streams to the client, up to `limit` body bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.truncated = False
+        self.complete = False
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The answer's status and the headers the client gets."""
+        self.status = status
+        self.headers = headers
+
+    def add(self, chunk: bytes) -> None:
+        """Body bytes as the client gets them; past `limit` only `truncated` is kept."""
+        if len(self.body) + len(chunk) > self.limit:
+            self.truncated = True
+        elif not self.truncated:
+            self.body += chunk
 
 
 class IdempotencyStore(Protocol):
@@ -88,20 +113,9 @@ class BodyBudget:
             nonlocal taken
             if taken + size > self._limit:
                 # Would not fit even alone: waiting would not help, unlike the 503 below.
-                raise ProxyError(
-                    413,
-                    "PAYLOAD_TOO_LARGE",
-                    f"A request body with an Idempotency-Key may be at most {self._limit} bytes "
-                    "(INVOISX_PROXY_MAX_BUFFERED_BYTES).",
-                )
+                raise errors.held_body_too_large(self._limit)
             if self.held + size > self._limit:
-                raise ProxyError(
-                    503,
-                    "PROXY_BUSY",
-                    "Too many request bodies with an Idempotency-Key are held at once "
-                    "(INVOISX_PROXY_MAX_BUFFERED_BYTES). Try again shortly.",
-                    headers={"retry-after": "1"},
-                )
+                raise errors.bodies_busy()
             self.held += size
             taken += size
 
@@ -119,9 +133,7 @@ def idempotency_key(scope: Scope) -> bytes | None:
     for name, value in headers:
         if name == b"idempotency-key":
             if not _VALID_KEY.fullmatch(value):
-                raise ProxyError(
-                    400, "BAD_REQUEST", "Idempotency-Key must be 1-255 visible ASCII characters."
-                )
+                raise errors.idempotency_key_invalid()
             return value
     return None
 
@@ -162,11 +174,7 @@ class MemoryStore:
                 self._entries[key] = _Entry(fingerprint, time.monotonic() + self._ttl)
                 return None
             if entry.fingerprint != fingerprint:
-                raise ProxyError(
-                    422,
-                    "IDEMPOTENCY_KEY_REUSED",
-                    "This Idempotency-Key was used for a different request.",
-                )
+                raise errors.idempotency_key_reused()
             if entry.response is not None:
                 return entry.response
             # The first call is in flight: wait for its outcome, then look again.
@@ -198,11 +206,7 @@ class MemoryStore:
         if len(self._entries) < self._max_entries:
             return
         if not self._drop_oldest_kept():
-            raise ProxyError(
-                503,
-                "IDEMPOTENCY_STORE_FULL",
-                "Too many calls with an Idempotency-Key are in flight. Try again shortly.",
-            )
+            raise errors.idempotency_store_full()
 
     def _evict_over_budget(self) -> None:
         while self._bytes > self._max_bytes and self._drop_oldest_kept():
@@ -238,19 +242,12 @@ def _keepable(capture: Capture, error_code: str | None) -> StoredResponse | None
 
 async def _replay(send: Send, stored: StoredResponse, exchange: Exchange) -> None:
     if stored.body is None:
-        raise ProxyError(
-            409,
-            "IDEMPOTENCY_RESPONSE_NOT_KEPT",
-            "This request was already carried out; its answer was too large to keep.",
-            decision="replayed",
-        )
+        raise errors.response_not_kept()
     headers = [(name, value) for name, value in stored.headers if name != b"x-request-id"]
     headers += [(b"x-request-id", exchange.request_id.encode()), (b"idempotent-replayed", b"true")]
     await send({"type": "http.response.start", "status": stored.status, "headers": headers})
     await send({"type": "http.response.body", "body": stored.body})
-    exchange.status = stored.status
-    exchange.decision = "replayed"
-    exchange.bytes_out = len(stored.body)
+    exchange.replayed(stored.status, len(stored.body))
 
 
 async def forward_once(

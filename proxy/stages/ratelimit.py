@@ -18,11 +18,12 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from proxy import errors
 from proxy.errors import ProxyError
 
-__all__ = ["RateLimiter", "header_number"]
+__all__ = ["Admission", "RateLimiter", "header_number"]
 
 _DEFAULT_RETRY_AFTER = 60.0  # what InvoisX sends with its own 429s
 # Seconds between rounds of the fair queue: long enough for competing calls to gather.
@@ -60,11 +61,22 @@ class _Bucket:
 class RateLimiter:
     """The token's bucket, per-client buckets, and the fair queue in front of them."""
 
-    def __init__(self, per_minute: int, *, max_wait: float, max_queue: int) -> None:
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        max_wait: float,
+        max_queue: int,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.per_minute = per_minute
         self._max_wait = max_wait
         self._max_queue = max_queue
-        self._bucket = _Bucket(per_minute, time.monotonic())
+        # `clock` measures the buckets and waits; `wall` reads InvoisX's reset times (Unix).
+        self._clock = clock
+        self._wall = wall
+        self._bucket = _Bucket(per_minute, clock())
         self._clients: dict[str, _Bucket] = {}
         # InvoisX said stop (a 429, or nothing remaining until its reset): no calls before this.
         self._blocked_until = 0.0
@@ -80,7 +92,7 @@ class RateLimiter:
         Raises 429 `RATE_LIMIT_EXCEEDED` when the queue is full or the wait would exceed
         INVOISX_RATE_LIMIT_MAX_WAIT.
         """
-        now = time.monotonic()
+        now = self._clock()
         own = self._client_bucket(client, client_per_minute, now)
         if not self._queued and self._plenty(now) and self._take(own, now):
             self._note_use(client, now)
@@ -98,14 +110,14 @@ class RateLimiter:
         except TimeoutError:
             if not granted.done():
                 self._withdraw(client, granted)
-                raise self._refusal(time.monotonic(), "no capacity came up in time") from None
+                raise self._refusal(self._clock(), "no capacity came up in time") from None
         except asyncio.CancelledError:
             if granted.done() and not granted.cancelled():
                 self._give_back(own)
             else:
                 self._withdraw(client, granted)
             raise
-        return time.monotonic() - now
+        return self._clock() - now
 
     def refund(self, client: str) -> None:
         """Give back capacity acquired for a call that never went to InvoisX."""
@@ -114,14 +126,14 @@ class RateLimiter:
     def learn(self, status: int, headers: Mapping[bytes, bytes]) -> None:
         """Correct the bucket from InvoisX's answer (`headers` by lowercase name): its
         remaining count, reset and 429s."""
-        now = time.monotonic()
+        now = self._clock()
         remaining = header_number(headers.get(b"x-ratelimit-remaining"))
         if remaining is not None:
             self._bucket.refill(now)
             self._bucket.tokens = min(self._bucket.tokens, float(remaining))
             reset = header_number(headers.get(b"x-ratelimit-reset"))
             if remaining == 0 and reset is not None:
-                self._block(now + max(0.0, reset - time.time()))
+                self._block(now + max(0.0, reset - self._wall()))
         if status == 429:
             retry_after = header_number(headers.get(b"retry-after"))
             self._bucket.tokens = 0.0
@@ -179,7 +191,7 @@ class RateLimiter:
     def _dispatch(self) -> None:
         """Grant capacity one call at a time, to the waiting client that used least lately."""
         self._timer = None
-        now = time.monotonic()
+        now = self._clock()
         # One round: at most one call per waiting client, least used first (ties: the longest
         # waiting, as dicts keep insertion order).
         for client in sorted(self._waiting, key=lambda name: self._recent_use(name, now)):
@@ -237,16 +249,33 @@ class RateLimiter:
             self._bucket.wait_for_one() + self._queued * seconds_per_call,
         )
         retry_after = max(1, math.ceil(wait))
-        return ProxyError(
-            429,
-            "RATE_LIMIT_EXCEEDED",
-            f"Too many requests through this proxy ({why}; InvoisX allows "
-            f"{self.per_minute} a minute). Please try again in {retry_after} seconds.",
-            decision="rate_limited",
-            headers={
-                "retry-after": str(retry_after),
-                "x-ratelimit-limit": str(self.per_minute),
-                "x-ratelimit-remaining": "0",
-                "x-ratelimit-reset": str(math.ceil(time.time() + wait)),
-            },
-        )
+        reset = math.ceil(self._wall() + wait)
+        return errors.rate_limited(why, self.per_minute, retry_after, reset)
+
+
+class Admission:
+    """One call's use of the rate limit: the pipeline admits its first attempt, the
+    forwarder each retry; without a limiter (INVOISX_RATE_LIMIT_PER_MINUTE=0) all pass."""
+
+    __slots__ = ("_client", "_limiter", "_per_minute")
+
+    def __init__(self, limiter: RateLimiter | None, client: str, per_minute: int | None) -> None:
+        self._limiter = limiter
+        self._client = client
+        self._per_minute = per_minute
+
+    async def admit(self) -> float:
+        """Wait for capacity for one attempt; the seconds waited (429 when none comes)."""
+        if self._limiter is None:
+            return 0.0
+        return await self._limiter.acquire(self._client, self._per_minute)
+
+    def learn(self, status: int, headers: Mapping[bytes, bytes]) -> None:
+        """Tell the limiter what InvoisX answered (see `RateLimiter.learn`)."""
+        if self._limiter is not None:
+            self._limiter.learn(status, headers)
+
+    def refund(self) -> None:
+        """Give back what the last `admit` took: the call did not go to InvoisX after all."""
+        if self._limiter is not None:
+            self._limiter.refund(self._client)

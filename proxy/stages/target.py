@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
+from proxy import errors
 from proxy.errors import ProxyError
 
 __all__ = [
@@ -59,7 +60,7 @@ class Target:
 
 
 def _bad_path(reason: str) -> ProxyError:
-    return ProxyError(400, "BAD_REQUEST", f"The request path is not allowed: {reason}.")
+    return errors.path_not_allowed(reason)
 
 
 def _not_served(raw_path: bytes) -> ProxyError:
@@ -67,7 +68,7 @@ def _not_served(raw_path: bytes) -> ProxyError:
         reason = "The path names no resource: add one after /api/v1/"
     else:
         reason = "Only paths below /api/v1/ are served by this proxy"
-    return ProxyError(404, "NOT_FOUND", f"{reason}, for example /api/v1/buyers.")
+    return errors.not_served(reason)
 
 
 def _decode_segment(segment: bytes) -> str:

@@ -22,7 +22,7 @@ from tests.conftest import ProxyProcess, Recorded, Recorder, Reply, RunningProxy
 
 OLD = "ixt_live_old_A1b2C3d4E5f6G7h8"
 NEW = "ixt_live_new_Z9y8X7w6V5u4T3s2"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Three polls at 0.05 s: a watch that applied a half-written file would have by now; the
 # proxy waits for a file to read the same for 0.5 s (`proxy.watch.SETTLE_SECONDS`).
 HALF_WRITTEN_FOR = 0.15

@@ -26,7 +26,7 @@ from tests.conftest import (
 
 BILLING_KEY = "ipk_billing_0123456789abcdefghijklmnopqrstuv"
 REPORTS_KEY = "ipk_reports_0123456789abcdefghijklmnopqrstuv"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Three polls at 0.05 s: a watch that applied a half-written file would have by now; the
 # proxy waits for a file to read the same for 0.5 s (`proxy.watch.SETTLE_SECONDS`).
 HALF_WRITTEN_FOR = 0.15

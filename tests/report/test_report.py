@@ -394,19 +394,23 @@ def test_without_since_nothing_is_new_and_everything_counts(log_file: Path) -> N
     assert report["fingerprints"][OLD]["requests"] == 3 + 5
 
 
-def test_window_filter(log_file: Path) -> None:
-    # 10:00 to 10:10 Malaysia time (naive means Malaysia time): batch's ten quiet minutes;
-    # --until is exclusive, so the burst at 10:10 is left out.
+def test_a_naive_window_is_malaysia_time_and_until_is_exclusive(log_file: Path) -> None:
+    # 10:00 to 10:10 Malaysia time: batch's ten quiet minutes; the burst at 10:10 is left out.
     report = report_of(log_file, "--since", "2026-11-25T10:00", "--until", "2026-11-25 10:10")
     assert report["total"] == 10
     assert report["by_client"]["batch"]["requests"] == 10
     assert report["window"]["requests_before"] == 3 + 14
     assert report["window"]["requests_after"] == 40 + 10 + 2 + 1 + 1 + 1
     assert report["window"]["events"] == {}
-    # An explicit offset is honoured, and a window past every line is empty.
+
+
+def test_a_window_with_an_explicit_offset_is_honoured(log_file: Path) -> None:
     report = report_of(log_file, "--since", "2026-11-25T02:10:00Z", "--until", "2026-11-25T02:11Z")
     assert report["total"] == 40
     assert report["findings"] == []  # 40 is the median of batch's only active minute
+
+
+def test_a_window_past_every_line_is_empty(log_file: Path) -> None:
     assert report_of(log_file, "--since", "2027-01-01")["total"] == 0
 
 

@@ -14,8 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.upstream.scrub import Scrub
-from tests.conftest import TOKEN, Recorder, Reply, RunningProxy
-from tests.test_forward import _raw_server
+from tests.conftest import TOKEN, Recorder, Reply, RunningProxy, raw_server
 from tests.wire import exchange, parse_response
 
 Upstream = tuple[Recorder, str]
@@ -179,7 +178,7 @@ def test_a_token_split_across_two_chunks_is_masked_at_every_split_point(
                 writer.write(chunk(SECRET[split:] + PAGE_TAIL) + b"0\r\n\r\n")
                 await writer.drain()
 
-    with _raw_server(handle) as upstream_port:
+    with raw_server(handle) as upstream_port:
         proxy = start_proxy(f"http://127.0.0.1:{upstream_port}/api/v1")
         port = int(proxy.url.rsplit(":", 1)[1])
         for split in range(len(SECRET) + 1):

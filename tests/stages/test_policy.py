@@ -1,14 +1,11 @@
-"""Permissions and expiry: refused locally, in the InvoisX envelope, InvoisX untouched."""
+"""The policy stage: the permission a route needs, the token's and the client's permissions,
+expiry and the method: refused locally, in the InvoisX envelope, InvoisX untouched."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -107,23 +104,57 @@ def test_unknown_permissions_that_look_like_typos_are_echoed(typo: str) -> None:
         parse_permissions([typo])
 
 
-def test_check_names_the_missing_permission_and_setting() -> None:
+def _authorize(
+    policy: Policy,
+    method: str,
+    expires_at: datetime | None = None,
+    now: datetime = NOW,
+    client: frozenset[Permission] | None = None,
+) -> Permission:
+    scope = {"method": method, "query_string": b"", "headers": []}
+    return policy.authorize(scope, ("buyers", "1"), client, expires_at, now).required
+
+
+def test_authorize_names_the_missing_permission_and_setting() -> None:
     policy = Policy(granted=frozenset({Permission.READ}))
-    policy.check(Permission.READ, None, NOW)
+    assert _authorize(policy, "GET") == Permission.READ
     with pytest.raises(ProxyError) as caught:
-        policy.check(Permission.DELETE, None, NOW)
+        _authorize(policy, "DELETE")
     error = caught.value
+    assert error.permission == "delete"
     assert (error.status, error.error_code, error.decision) == (403, "FORBIDDEN", "denied")
     assert "'delete'" in error.message and "INVOISX_TOKEN_PERMISSIONS" in error.message
     assert error.extra == {"required_permission": "delete", "missing_from": ["token"]}
 
 
-def test_check_expiry_boundary() -> None:
+def test_authorize_expiry_boundary() -> None:
     policy = Policy(granted=frozenset({Permission.READ}))
-    policy.check(Permission.READ, NOW, NOW - timedelta(microseconds=1))
+    _authorize(policy, "GET", NOW, NOW - timedelta(microseconds=1))
     with pytest.raises(ProxyError) as caught:
-        policy.check(Permission.READ, NOW, NOW)
+        _authorize(policy, "GET", NOW, NOW)
     assert (caught.value.status, caught.value.error_code) == (401, "TOKEN_EXPIRED")
+    assert caught.value.permission == "read"
+
+
+def test_authorize_checks_the_method_and_the_override_before_the_permission() -> None:
+    policy = Policy(granted=frozenset())  # would refuse every permission
+    with pytest.raises(ProxyError) as caught:
+        _authorize(policy, "OPTIONS")
+    assert (caught.value.status, caught.value.headers["allow"]) == (
+        405,
+        "GET, HEAD, POST, PUT, PATCH, DELETE",
+    )
+    scope = {"method": "GET", "query_string": b"_method=DELETE", "headers": []}
+    with pytest.raises(ProxyError) as caught:
+        policy.authorize(scope, ("buyers",), None, None, NOW)
+    assert (caught.value.status, caught.value.permission) == (400, None)
+
+
+def test_authorize_refuses_for_the_client_as_for_the_token() -> None:
+    policy = Policy(granted=frozenset(Permission))
+    with pytest.raises(ProxyError) as caught:
+        _authorize(policy, "DELETE", client=frozenset({Permission.READ}))
+    assert caught.value.extra["missing_from"] == ["client"]
 
 
 @pytest.mark.parametrize(
@@ -226,82 +257,3 @@ def test_get_rules_hold_for_head() -> None:
     rules = [RuleSpec(method="GET", path="/reports/*", permission=Permission.UPDATE)]
     policy = Policy(granted=frozenset(), rules=rules)
     assert policy.required_permission("HEAD", ("reports", "x")) == Permission.UPDATE
-
-
-@pytest.mark.parametrize(
-    ("query", "headers", "status"),
-    [
-        ("?_method=DELETE", {}, 400),
-        ("?a=1&.method=DELETE", {}, 400),
-        ("?%5Fmethod=DELETE", {}, 400),
-        ("?_method[]=DELETE", {}, 400),
-        ("", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
-        ("", {"Content-Type": "multipart/form-data; boundary=x"}, 415),
-    ],
-)
-def test_method_override_is_refused(
-    proxy: RunningProxy, recorder: Upstream, query: str, headers: dict[str, str], status: int
-) -> None:
-    response = httpx.post(
-        f"{proxy.url}/api/v1/buyers/1{query}", content=b"_method=DELETE", headers=headers
-    )
-    assert response.status_code == status
-    assert response.json()["success"] is False
-    assert recorder[0].requests == []
-
-
-def test_queries_that_merely_mention_method_pass(proxy: RunningProxy, recorder: Upstream) -> None:
-    response = httpx.get(f"{proxy.url}/api/v1/invoices", params={"payment_method": "card"})
-    assert response.status_code == 200
-    assert recorder[0].requests[-1].query_string == b"payment_method=card"
-
-
-def _curl(*args: str) -> tuple[int, dict[str, Any]]:
-    """Run the real curl binary; the status and JSON body it received."""
-    result = subprocess.run(
-        # No proxy from the environment: the test talks to the loopback proxy itself.
-        [
-            "curl",
-            "--noproxy",
-            "*",
-            "--silent",
-            "--show-error",
-            "--write-out",
-            "\n%{http_code}",
-            *args,
-        ],
-        capture_output=True,
-        check=True,
-        text=True,
-        timeout=30,
-    )
-    body, _, status = result.stdout.rpartition("\n")
-    return int(status), json.loads(body)
-
-
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl command")
-def test_curl_d_without_a_json_type_is_told_how_to_send_json(
-    proxy: RunningProxy, recorder: Upstream
-) -> None:
-    url = f"{proxy.url}/api/v1/buyers"
-    payload = '{"name": "Acme Sdn Bhd"}'
-    # curl -d sends application/x-www-form-urlencoded unless told otherwise.
-    assert _curl("-d", payload, url) == (
-        415,
-        {
-            "success": False,
-            "message": "Form bodies are not forwarded: the InvoisX API takes JSON. Send the body "
-            "with Content-Type: application/json (with curl: -H 'Content-Type: "
-            "application/json', or --json instead of -d).",
-            "error_code": "UNSUPPORTED_MEDIA_TYPE",
-        },
-    )
-    assert recorder[0].requests == []
-    # Both ways the hint names go through.
-    assert _curl("-d", payload, "-H", "Content-Type: application/json", url)[0] == 200
-    if "--json" in subprocess.run(["curl", "--help", "all"], capture_output=True, text=True).stdout:
-        assert _curl("--json", payload, url)[0] == 200  # curl 7.82 and later
-    assert {request.body for request in recorder[0].requests} == {payload.encode()}
-    assert {request.header("content-type")[0] for request in recorder[0].requests} == {
-        "application/json"
-    }

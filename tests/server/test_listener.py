@@ -23,7 +23,7 @@ from tests.conftest import Recorded, Recorder, Reply, RunningProxy
 from tests.wire import assert_proxy_error, exchange, parse_response
 
 Upstream = tuple[Recorder, str]
-STACKS = Path(__file__).parent / "stacks"
+STACKS = Path(__file__).parents[1] / "stacks"
 BODY = b'{"name":"Syarikat Contoh","tin":"C1234567890"}'
 H2C = (
     b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
