@@ -81,14 +81,10 @@ class Exchange:
         self.decision = "replayed"
         self.bytes_out = bytes_out
 
-    def cut_off(self, error: ProxyError) -> None:
-        """InvoisX failed after its answer had started, so the answer was cut short."""
-        self.decision = error.decision
-        self.error_code = error.error_code
-
     def aborted(self, error: ProxyError) -> None:
-        """The call ended with `error` after its answer had started (shutdown, a bug): the
-        status stays the one the client got."""
+        """The call ended with `error` after its answer had started (InvoisX failed
+        mid-answer, the shutdown grace ran out, a bug): the status stays the one the client
+        got."""
         self.decision = error.decision
         self.error_code = error.error_code
 

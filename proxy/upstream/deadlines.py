@@ -180,18 +180,6 @@ class Deadlines:
         assert self._loop is not None, "enter the deadlines first"
         return self._loop.time()
 
-    def watching(
-        self,
-        receive: Receive,
-        exchange: Exchange,
-        *,
-        listen: bool,
-        declared: int | None,
-        body_read: bool,
-    ) -> Watching:
-        """Watch the current task's call while inside (see `Watching`)."""
-        return Watching(self, receive, exchange, listen, declared, body_read)
-
     def add(self, call: CallWatch) -> None:
         """Check `call` on every tick from now on."""
         self._calls.add(call)

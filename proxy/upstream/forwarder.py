@@ -100,12 +100,9 @@ class Forwarder:
         the answer; a call whose answer is kept (idempotency) runs on if its client leaves,
         since the answer is what the client's retry will get."""
         upload = request.body if isinstance(request.body, Upload) else None
-        return self._deadlines.watching(
-            receive,
-            exchange,
-            listen=not keep_answer,
-            declared=upload.body.declared if upload else None,
-            body_read=upload is None,
+        declared = upload.body.declared if upload else None
+        return Watching(
+            self._deadlines, receive, exchange, not keep_answer, declared, upload is None
         )
 
     async def __call__(

@@ -130,7 +130,7 @@ class Relay:
             except (Broken, Stalled) as error:
                 # The status line is already out: closing the connection without the final
                 # chunk is the only honest way left to tell the client the body is incomplete.
-                exchange.cut_off(failure(error))
+                exchange.aborted(failure(error))
                 return
         if answer.peek is not None and b"content-encoding" not in notable:
             content_type = notable.get(b"content-type", b"")
