@@ -106,13 +106,15 @@ def format_table(
     concurrencies: Iterable[int],
 ) -> str:
     """target x concurrency -> req/s, p50 ms, p99 ms, errors."""
-    lines = [f"{'target':<15}{'conns':>6}{'req/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
+    targets = list(targets)
+    width = max([15, *(len(target) + 1 for target in targets)])
+    lines = [f"{'target':<{width}}{'conns':>6}{'req/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
     for target in targets:
         for conns in concurrencies:
             row = summary.get((target, conns))
             if row is not None:
                 lines.append(
-                    f"{target:<15}{conns:>6}{row.rps:>11.0f}{row.p50_ms:>9.3f}"
+                    f"{target:<{width}}{conns:>6}{row.rps:>11.0f}{row.p50_ms:>9.3f}"
                     f"{row.p99_ms:>9.3f}{row.errors:>8}"
                 )
     return "\n".join(lines)

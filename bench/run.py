@@ -27,7 +27,7 @@ from pathlib import Path
 
 from loadgen import CountedLoad, drive
 from procs import ReadinessError, Service, free_port, process_tree, rss_mb, wait_idle
-from report import Check, check, format_checks, format_table, ratios, summarise
+from report import Check, Summary, check, format_checks, format_table, ratios, summarise
 from services import (
     BUYERS_PATH,
     Target,
@@ -36,12 +36,15 @@ from services import (
     start_mitmdump,
     start_nginx_proxy,
     start_nginx_upstream,
+    start_redis,
     start_streaming_upstream,
 )
 from streaming import Transfer, download, upload
 from wrk import WrkError, WrkResult, run_wrk
 
-TARGETS = ("direct", "nginx-proxy", "mitmproxy", "invoisx-proxy")
+TARGETS = ("direct", "nginx-proxy", "mitmproxy", "invoisx-proxy", "invoisx-proxy-redis")
+INVOISX_TARGETS = ("invoisx-proxy", "invoisx-proxy-redis")
+REDIS_TARGET = "invoisx-proxy-redis"
 CONCURRENCIES = (1, 32, 256)
 BENCH_DIR = Path(__file__).resolve().parent
 MITM_VENV = BENCH_DIR / ".venv-mitm"
@@ -126,7 +129,10 @@ def missing_prerequisites(args: argparse.Namespace) -> str | None:
         hints.append(f"{', '.join(apt)} (apt-get install {' '.join(apt)})")
     if "mitmproxy" in args.only and find_mitmdump() is None:
         hints.append("mitmdump (python bench/run.py --setup)")
-    if "invoisx-proxy" in args.only and not _proxy_command_found(args.proxy_cmd):
+    if REDIS_TARGET in args.only and shutil.which("redis-server") is None:
+        hints.append("redis-server (apt-get install redis-server)")
+    invoisx = any(name in args.only for name in INVOISX_TARGETS)
+    if invoisx and not _proxy_command_found(args.proxy_cmd):
         hints.append(f"invoisx-proxy ({sys.executable} -m pip install -e .)")
     return f"missing prerequisites: {'; '.join(hints)}" if hints else None
 
@@ -220,10 +226,22 @@ def start_targets(bench: Bench) -> list[Target]:
             mitmdump = find_mitmdump() or "mitmdump"
             bench.own(start_mitmdump(mitmdump, workdir, port, up, token, cpu))
         else:
-            port = int(bench.invoisx(name, f"http://127.0.0.1:{up}/api/v1").extra["port"])
+            env = redis_env(bench) if name == REDIS_TARGET else None
+            api_url = f"http://127.0.0.1:{up}/api/v1"
+            port = int(bench.invoisx(name, api_url, extra_env=env).extra["port"])
         targets.append(Target(name, port))
         log(f"started {name} on :{port}")
     return targets
+
+
+def redis_env(bench: Bench) -> dict[str, str]:
+    """A redis-server for the Redis target (free port, in the run's directory, on the driver's
+    CPU: in production Redis has its own machine, so its work is not charged to the proxy's
+    core) and the setting that points the proxy at it."""
+    port = free_port()
+    bench.own(start_redis(bench.workdir, port, cpu=bench.placement.driver))
+    log(f"redis-server on :{port}")
+    return {"INVOISX_PROXY_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
 
 
 def _wrk(bench: Bench, target: Target, conns: int, seconds: int, label: str) -> WrkResult | None:
@@ -353,6 +371,18 @@ def measure_streaming(bench: Bench) -> dict[str, Transfer]:
 # --- checks and output ---------------------------------------------------------------------
 
 
+def redis_ratios(summary: dict[tuple[str, int], Summary]) -> dict[str, float | None]:
+    """The Redis target against the in-memory proxy (c=32 req/s) and direct (c=1 p50)."""
+    redis32, memory32 = summary.get((REDIS_TARGET, 32)), summary.get(("invoisx-proxy", 32))
+    redis1, direct1 = summary.get((REDIS_TARGET, 1)), summary.get(("direct", 1))
+    return {
+        "c32_redis_over_invoisx": (
+            redis32.rps / memory32.rps if redis32 and memory32 and memory32.rps else None
+        ),
+        "c1_redis_added_p50_ms": redis1.p50_ms - direct1.p50_ms if redis1 and direct1 else None,
+    }
+
+
 def build_checks(
     bench: Bench,
     ratio: dict[str, float | None],
@@ -370,6 +400,8 @@ def build_checks(
         check("c=32 req/s invoisx / mitmproxy", ratio["c32_invoisx_over_mitmproxy"], at_least=4.0),
         check("c=1 added p50 over direct (ms)", ratio["c1_added_p50_ms"], at_most=0.4),
         check("invoisx req/s c=256 / c=32", ratio["invoisx_c256_over_c32"], at_least=0.9),
+        check("c=32 req/s invoisx-redis / invoisx", ratio["c32_redis_over_invoisx"], at_least=0.6),
+        check("c=1 added p50, invoisx-redis (ms)", ratio["c1_redis_added_p50_ms"], at_most=0.5),
         check(f"RSS after {total} requests (MB)", after_all, at_most=64),
         check(f"RSS drift {_FIRST_REQUESTS} -> {total} requests (MB)", drift, at_most=5),
     ]
@@ -403,13 +435,13 @@ def run(bench: Bench) -> list[Check]:
     log(f"nginx upstream on :{bench.upstream_port}")
     targets = start_targets(bench)
     summary = summarise(run_load(bench, targets))
-    for target in targets:
-        if target.name in bench.services:
-            bench.services[target.name].stop()
+    for name in [target.name for target in targets] + ["redis"]:
+        if name in bench.services:
+            bench.services[name].stop()
     invoisx = "invoisx-proxy" in args.only
     memory = measure_memory(bench) if invoisx and not args.skip_memory else None
     streams = measure_streaming(bench) if invoisx and not args.skip_streaming else None
-    ratio = ratios(summary)
+    ratio = ratios(summary) | redis_ratios(summary)
     checks = build_checks(bench, ratio, memory, streams)
 
     print(format_table(summary, args.only, CONCURRENCIES))

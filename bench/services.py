@@ -1,26 +1,32 @@
-"""The servers the benchmark starts: nginx upstream and proxy, mitmdump, invoisx-proxy."""
+"""The servers the benchmarks start: nginx upstream and proxy, mitmdump, invoisx-proxy, the
+InvoisX sandbox and redis-server."""
 
 from __future__ import annotations
 
 import os
 import shlex
+import socket
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from procs import Service, start_service, wait_ready
+from procs import ReadinessError, Service, start_service, wait_ready
 
 __all__ = [
     "BUYERS_BODY",
     "BUYERS_PATH",
     "Target",
     "default_proxy_cmd",
+    "redis_ping",
     "start_invoisx",
     "start_mitmdump",
     "start_nginx",
     "start_nginx_proxy",
     "start_nginx_upstream",
+    "start_redis",
+    "start_sandbox",
     "start_streaming_upstream",
 ]
 
@@ -111,7 +117,7 @@ def _start_nginx(name: str, servers: str, workdir: Path, cpu: int | None) -> Ser
     confdir.chmod(0o755)
     workdir.chmod(0o755)
     conf = confdir / "nginx.conf"
-    conf.write_text(_fill(_NGINX_CONF, DIR=confdir, SERVERS=servers))
+    conf.write_text(_fill(_NGINX_CONF, DIR=str(confdir), SERVERS=servers))
     argv = ["nginx", "-p", str(confdir), "-c", str(conf), "-e", str(confdir / "error.log")]
     service = start_service(name, argv, logdir=workdir, cpu=cpu)
     service.stderr_path = confdir / "error.log"
@@ -217,4 +223,76 @@ def start_streaming_upstream(workdir: Path, port: int, token: str) -> Service:
     argv = [sys.executable, str(script), "--port", str(port), "--token", token]
     service = start_service("streaming-upstream", argv, logdir=workdir)
     wait_ready(service, port, "/healthz")
+    return service
+
+
+def start_sandbox(
+    workdir: Path, port: int, rate_limit: int, *, name: str = "sandbox"
+) -> tuple[Service, dict[str, str]]:
+    """`invoisx-proxy sandbox` (this interpreter's `-m proxy`) with its per-token limit of
+    `rate_limit` a minute; returns it and the tokens it printed, by name (`read-only`, ...).
+
+    Readiness is probed on `/login`, outside `/api/v1`, so the probe spends no token's limit.
+    """
+    argv = [sys.executable, "-m", "proxy", "sandbox", "--port", str(port)]
+    service = start_service(name, [*argv, "--rate-limit", str(rate_limit)], logdir=workdir)
+    wait_ready(service, port, "/login")
+    stdout = workdir / f"{name}.stdout.log"
+    tokens: dict[str, str] = {}
+    deadline = time.monotonic() + 10.0
+    while not tokens and time.monotonic() < deadline:
+        # "  ixs_...  read-only: read": the token, its name, its permissions.
+        for line in stdout.read_text(errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) == 3 and fields[0].startswith("ixs_") and fields[1].endswith(":"):
+                tokens[fields[1].removesuffix(":")] = fields[0]
+        time.sleep(0.05)
+    if not tokens:
+        raise ReadinessError(f"{name} printed no tokens:\n{service.tail()}")
+    return service, tokens
+
+
+def redis_ping(port: int, timeout: float = 1.0) -> bool:
+    """Whether a Redis server on 127.0.0.1:`port` answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(
+    workdir: Path, port: int, *, name: str = "redis", cpu: int | None = None
+) -> Service:
+    """redis-server on 127.0.0.1:`port`, without persistence (a restart starts empty), its
+    working directory `workdir/name`; returns once it answers PING. Started again with the
+    same arguments after a stop, it listens on the same port, its log appended to."""
+    datadir = workdir / name
+    datadir.mkdir(exist_ok=True)
+    argv = [
+        "redis-server",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(datadir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--logfile",
+        "",
+    ]
+    service = start_service(name, argv, logdir=workdir, cpu=cpu)
+    service.stderr_path = workdir / f"{name}.stdout.log"  # its log: `--logfile ""` is stdout
+    deadline = time.monotonic() + 10.0
+    while not redis_ping(port):
+        if not service.alive() or time.monotonic() > deadline:
+            service.stop()
+            raise ReadinessError(f"{name} not ready on :{port}:\n{service.tail()}")
+        time.sleep(0.05)
     return service

@@ -26,7 +26,7 @@ from proxy.audit import AuditLog
 from proxy.config.configfile import ConfigHolder, ConfigReload, build_config, load_config_file
 from proxy.config.credentials import TokenHolder, UpstreamToken, load_token
 from proxy.config.rotation import TokenRotation, warn_before_expiry
-from proxy.config.settings import Settings, is_loopback
+from proxy.config.settings import ConfigError, Settings, is_loopback
 from proxy.config.watch import FileWatch
 from proxy.errors import INTERNAL_ERROR, envelope
 from proxy.health import TokenHealth
@@ -35,7 +35,9 @@ from proxy.pipeline import ProxyEndpoint
 from proxy.server.listener import ClientProtocol, client_protocol
 from proxy.stages.idempotency import BodyBudget, MemoryStore
 from proxy.stages.limits import Limits
-from proxy.stages.ratelimit import RateLimiter
+from proxy.stages.ratelimit import Budget, MemoryBudget, RateLimiter
+from proxy.store.budget import SharedBudget
+from proxy.store.state import StateStore, redis_client
 from proxy.upstream.forwarder import Forwarder
 
 __all__ = ["ProxyFirst", "create_app"]
@@ -109,12 +111,14 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         retry_max=settings.retry_max,
         client_timeout=settings.client_timeout,
     )
+    shared = _shared_budget(settings, tokens, audit.logger, metrics)
     health = TokenHealth(
         tokens,
         forwarder=forwarder,
         metrics=metrics,
         log=audit.logger,
         probe_interval=settings.ready_probe_interval,
+        state_store=shared.describe if shared else None,
     )
     endpoint = ProxyEndpoint(
         configs=configs,
@@ -124,13 +128,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
             max_header_bytes=settings.max_header_bytes,
             client_timeout=settings.client_timeout,
         ),
-        limiter=RateLimiter(
-            settings.rate_limit_per_minute,
-            max_wait=settings.rate_limit_max_wait,
-            max_queue=settings.rate_limit_max_queue,
-        )
-        if settings.rate_limit_per_minute
-        else None,
+        limiter=_limiter(settings, shared),
         idempotency=MemoryStore(
             ttl=settings.idempotency_ttl,
             max_entries=settings.idempotency_max_entries,
@@ -162,6 +160,10 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
             asyncio.create_task(warn_before_expiry(tokens, settings.expiry_warning_days, log)),
             *(asyncio.create_task(watch.run()) for watch in watches),
         ]
+        if shared is not None:
+            # Unreachable now is no reason not to start: the proxy runs on its share meanwhile.
+            await shared.heartbeat()
+            background.append(asyncio.create_task(shared.run()))
         try:
             with _on_sighup(partial(_poke, watches)):
                 async with forwarder:
@@ -170,6 +172,8 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if shared is not None:
+                await shared.aclose()
             log.info("shutdown", token_fingerprint=tokens.current.fingerprint)
             audit.close()
 
@@ -192,6 +196,36 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         report=endpoint.refused_on_wire,
     )
     return ProxyFirst(endpoint, app, protocol)
+
+
+def _shared_budget(
+    settings: Settings, tokens: TokenHolder, log: FilteringBoundLogger, metrics: Metrics
+) -> SharedBudget | None:
+    """The budget on Redis, when INVOISX_PROXY_REDIS_URL names one and a limit is set."""
+    if settings.redis_url is None or not settings.rate_limit_per_minute:
+        return None
+    try:
+        redis = redis_client(settings.redis_url.get_secret_value(), settings.redis_timeout)
+    except ValueError as error:
+        raise ConfigError("INVOISX_PROXY_REDIS_URL", f"cannot be used: {error}") from None
+    store = StateStore(redis, timeout=settings.redis_timeout, log=log, metrics=metrics)
+    return SharedBudget(
+        store,
+        tokens,
+        settings.rate_limit_per_minute,
+        prefix=settings.redis_prefix,
+        metrics=metrics,
+    )
+
+
+def _limiter(settings: Settings, shared: SharedBudget | None) -> RateLimiter | None:
+    """The rate limit over the shared budget, or one of this process's own; None when off."""
+    if not settings.rate_limit_per_minute:
+        return None
+    budget: Budget = shared or MemoryBudget(settings.rate_limit_per_minute)
+    return RateLimiter(
+        budget, max_wait=settings.rate_limit_max_wait, max_queue=settings.rate_limit_max_queue
+    )
 
 
 def _poke(watches: list[FileWatch]) -> None:
@@ -223,6 +257,7 @@ def _announce(
         token_file=str(settings.api_token_file) if settings.api_token_file else None,
         rules=rules,
         clients=clients,
+        state_store="redis" if settings.redis_url else None,
     )
     for unknown in settings.unknown_variables:
         log.warning(

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +32,7 @@ class TokenHealth:
         metrics: Metrics,
         log: FilteringBoundLogger,
         probe_interval: float,
+        state_store: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._holder = holder
         self._forwarder = forwarder
@@ -38,6 +40,7 @@ class TokenHealth:
         self._log = log
         self._probe_interval = probe_interval
         self._probed_at = float("-inf")
+        self._state_store = state_store
 
     def upstream_answered(self, token: UpstreamToken, status: int, error_code: str | None) -> None:
         """Note InvoisX's answer to a call made with `token`; a token-level 401/403 condemns it."""
@@ -64,6 +67,9 @@ class TokenHealth:
             "token_fingerprint": token.fingerprint,
             "token_expires_at": None if expires_at is None else expires_at.isoformat(),
         }
+        if self._state_store is not None:
+            # Reported, never a reason to be unready: each proxy runs on its share meanwhile.
+            details["state_store"] = self._state_store()
         if expires_at is not None and now >= expires_at:
             return False, {"status": "unavailable", "reason": "token_expired", **details}
         if self._holder.rejected:

@@ -100,6 +100,9 @@ class _Calls(Collector):
             "Time calls waited in the local rate-limit queue (calls that waited at all).",
         )
         self.ratelimit_remaining: int | None = None
+        # Shown only with a shared state store (INVOISX_PROXY_REDIS_URL).
+        self.state_store_up: bool | None = None
+        self.state_store_proxies: int | None = None
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -118,6 +121,18 @@ class _Calls(Collector):
                 "invoisx_proxy_upstream_ratelimit_remaining",
                 "InvoisX's X-RateLimit-Remaining on its latest response.",
                 value=self.ratelimit_remaining,
+            )
+        if self.state_store_up is not None:
+            yield GaugeMetricFamily(
+                "invoisx_proxy_state_store_up",
+                "1 while the shared state store (Redis) answers, 0 while the proxy runs apart.",
+                value=int(self.state_store_up),
+            )
+        if self.state_store_proxies is not None:
+            yield GaugeMetricFamily(
+                "invoisx_proxy_state_store_proxies",
+                "Proxies sharing the token's budget, as of the latest heartbeat.",
+                value=self.state_store_proxies,
             )
 
 
@@ -183,6 +198,14 @@ class Metrics:
         remaining = header_number(value)
         if remaining is not None:
             self._calls.ratelimit_remaining = remaining
+
+    def state_store_up(self, up: bool) -> None:
+        """Record whether the shared state store answers."""
+        self._calls.state_store_up = up
+
+    def state_store_proxies(self, count: int) -> None:
+        """Record how many proxies share the budget."""
+        self._calls.state_store_proxies = count
 
     def upstream_auth_failure(self) -> None:
         """Count a token-level refusal from InvoisX."""

@@ -120,7 +120,9 @@ class ProxyEndpoint:
         exchange.required = grant.required
         body = self._limits.check(scope, receive, exchange)
         key = idempotency_key(scope)
-        admission = Admission(self._limiter, client.name, client.requests_per_minute)
+        admission = Admission(
+            self._limiter, client.name, client.requests_per_minute, config.clients.reservations
+        )
         if key is None:
             inspect = None if grant.scan is None else grant.scan.feed
             request = self._forwarder.request(
@@ -186,7 +188,7 @@ class ProxyEndpoint:
                 await forward_once(self._idempotency, key, fingerprint, send_once, send, exchange)
         finally:
             if not sent:
-                admission.refund()
+                await admission.refund()
 
     def refused_on_wire(self, refusal: WireRefusal) -> str:
         """Audit and count a request that the HTTP parser refused before it became a call;

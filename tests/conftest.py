@@ -10,7 +10,9 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import hypothesis
@@ -369,6 +371,129 @@ def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         if running.process.poll() is None:
             running.process.kill()
             running.process.wait()
+
+
+class RedisServer:
+    """A redis-server process of one test's own: a free loopback port, its files in `directory`.
+
+    Nothing is saved to disk unless `appendonly`, whose file then carries the data across
+    `stop()` and `start()`. The server's log (its stdout) is `directory / "redis.log"`.
+    """
+
+    def __init__(
+        self,
+        program: str,
+        directory: Path,
+        *,
+        unix_socket: bool = False,
+        appendonly: bool = False,
+        args: Iterable[str] = (),
+    ) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.socket_path = directory / "redis.sock" if unix_socket else None
+        self.log_path = directory / "redis.log"
+        self._argv = [
+            program,
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory)),
+            *("--save", "", "--appendonly", "yes" if appendonly else "no", "--daemonize", "no"),
+        ]
+        if self.socket_path is not None:
+            self._argv += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        self._argv += args
+        self._process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        if self.socket_path is None:
+            raise AttributeError("no unix socket was asked for: start_redis(unix_socket=True)")
+        return f"unix://{self.socket_path}?db=0"
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start redis-server (again: same port, same directory); return once it answers PING."""
+        assert not self.running, f"redis-server {self.pid} is already running"
+        with self.log_path.open("ab") as log:
+            process = subprocess.Popen(
+                self._argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._process = process
+        deadline = time.monotonic() + 10
+        while not self._answers_ping():
+            if process.poll() is not None or time.monotonic() > deadline:
+                self.stop(kill=True)
+                raise RuntimeError(f"redis-server did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.02)
+
+    def stop(self, *, kill: bool = False) -> None:
+        """SIGTERM, a clean shutdown (the append-only file is flushed), or SIGKILL, a crash;
+        then wait for the process, so that the port refuses connections once this returns."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def _answers_ping(self) -> bool:
+        # While it loads the append-only file, the server answers -LOADING instead.
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class StartRedis(Protocol):
+    def __call__(
+        self, *, unix_socket: bool = False, appendonly: bool = False, args: Iterable[str] = ()
+    ) -> RedisServer: ...
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator[StartRedis]:
+    """Start redis-server processes of this test's own (`args`: more redis-server options);
+    all are killed at the end. Without redis-server the test is skipped, except under CI,
+    where .ci/run installs it."""
+    program = shutil.which("redis-server")
+    if program is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing under CI, where .ci/run installs it")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    numbers = itertools.count()
+    started: list[RedisServer] = []
+
+    def start(
+        *, unix_socket: bool = False, appendonly: bool = False, args: Iterable[str] = ()
+    ) -> RedisServer:
+        directory = tmp_path / f"redis-{next(numbers)}"
+        directory.mkdir()
+        server = RedisServer(
+            program, directory, unix_socket=unix_socket, appendonly=appendonly, args=args
+        )
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(kill=True)
 
 
 # Hypothesis profiles for tests/test_properties.py: "ci" by default, "long" for a thorough run

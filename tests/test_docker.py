@@ -14,6 +14,7 @@ import pwd
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TOKEN, Recorder, Reply, free_port, subprocess_env
+from tests.conftest import TOKEN, Recorder, Reply, StartRedis, free_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -336,7 +337,7 @@ def test_compose_example_apps_call_a_proxy_of_their_own_profile(
 ) -> None:
     services = compose["services"]
     apps = {name: service for name, service in services.items() if name.startswith("example-app")}
-    assert len(apps) == 2
+    assert len(apps) == 3
     for name, app in apps.items():
         url = httpx.URL(app["environment"]["INVOISX_BASE_URL"])
         target = services[url.host]
@@ -344,6 +345,66 @@ def test_compose_example_apps_call_a_proxy_of_their_own_profile(
         assert _profile(target) == _profile(app), name
         assert list(app["depends_on"]) == [url.host], name
         assert "secrets" not in app, f"{name} knows only the proxy's URL"
+
+
+def test_compose_replicas_share_the_redis_service_and_the_default_stays_embedded(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    replica = services["invoisx-proxy-replica"]
+    assert replica["deploy"]["replicas"] >= 2
+    url = httpx.URL(replica["environment"]["INVOISX_PROXY_REDIS_URL"])
+    assert (url.scheme, url.port) == ("redis", 6379)
+    redis = services[url.host]
+    assert replica["depends_on"] == {url.host: {"condition": "service_healthy"}}
+    assert _profile(redis) == _profile(replica) == ["replicas"]
+    assert replica["secrets"] == services["invoisx-proxy"]["secrets"]
+    assert "ports" not in replica and "ports" not in redis, "reachable only on the network"
+    # Without a profile, nothing needs Redis: the proxy keeps its budget in its process.
+    for name, service in services.items():
+        if not _profile(service):
+            assert "INVOISX_PROXY_REDIS_URL" not in service.get("environment", {}), name
+
+
+def test_compose_redis_keeps_an_append_only_file_on_a_named_volume(
+    compose: dict[str, Any],
+) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["image"].startswith("redis:")
+    command = list(redis["command"])
+    assert command[0] == "redis-server"
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    (volume,) = redis["volumes"]
+    name, _, target = volume.partition(":")
+    assert target == "/data" and name in compose["volumes"], "a named volume, not the image"
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    assert redis["read_only"] is True
+    assert redis["cap_drop"] == ["ALL"] and redis["user"] != "0"
+
+
+def test_compose_redis_command_replays_its_file_after_a_kill(
+    compose: dict[str, Any], start_redis: StartRedis
+) -> None:
+    # The service's own options, here with Debian's redis-server; later options win over
+    # the fixture's own --appendonly no.
+    _, *options = compose["services"]["redis"]["command"]
+    server = start_redis(args=options)
+
+    def call(*command: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+            connection.sendall(" ".join(command).encode() + b"\r\n")
+            return connection.recv(1024)
+
+    assert call("CONFIG", "GET", "appendonly").endswith(b"$3\r\nyes\r\n")
+    assert call("SET", "spent", "7") == b"+OK\r\n"
+    # A crash of the process alone loses nothing: Redis writes to the file before it answers
+    # (unless an fsync is slow), and the kernel keeps what was written. The second everysec
+    # may lose is for a crash of the host.
+    server.stop(kill=True)
+    server.start()
+
+    assert call("GET", "spent") == b"$1\r\n7\r\n"
 
 
 def test_compose_demo_command_runs_its_tour(compose: dict[str, Any]) -> None:

@@ -105,6 +105,13 @@ def build_config(file: ConfigFile, settings: Settings) -> ActiveConfig:
             f"listening on {settings.host} without client keys lets anyone who can reach it "
             "use the token; add [clients] to INVOISX_PROXY_CONFIG or set this to true",
         )
+    reserved = sum(spec.reserved_per_minute or 0 for spec in file.clients.values())
+    if reserved and reserved > settings.rate_limit_per_minute > 0:
+        raise ConfigError(
+            _SETTING,
+            f"the clients' reserved_per_minute add up to {reserved}, more than the token's "
+            f"limit of {settings.rate_limit_per_minute} (INVOISX_RATE_LIMIT_PER_MINUTE)",
+        )
     policy = Policy(granted=settings.token_permissions, rules=file.rules)
     return ActiveConfig(
         policy=policy,

@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     rate_limit_max_wait: float = Field(10.0, validation_alias="INVOISX_RATE_LIMIT_MAX_WAIT", ge=0)
     rate_limit_max_queue: int = Field(1000, validation_alias="INVOISX_RATE_LIMIT_MAX_QUEUE", ge=0)
     retry_max: int = Field(2, validation_alias="INVOISX_RETRY_MAX", ge=0, le=10)
+    # A secret: the URL may carry Redis's password.
+    redis_url: SecretStr | None = Field(None, validation_alias="INVOISX_PROXY_REDIS_URL")
+    redis_prefix: str = Field(
+        "invoisx-proxy:", validation_alias="INVOISX_PROXY_REDIS_PREFIX", min_length=1
+    )
+    redis_timeout: float = Field(0.05, validation_alias="INVOISX_PROXY_REDIS_TIMEOUT", gt=0, le=5)
     idempotency_ttl: float = Field(86_400.0, validation_alias="INVOISX_IDEMPOTENCY_TTL", gt=0)
     idempotency_max_entries: int = Field(
         10_000, validation_alias="INVOISX_IDEMPOTENCY_MAX_ENTRIES", ge=1
@@ -206,6 +212,28 @@ class Settings(BaseSettings):
             raise ValueError("must not contain credentials, a query string or a fragment")
         # urlsplit lowercases the scheme; keep that form so later checks cannot miss `HTTP://`.
         return parts._replace(path=parts.path.rstrip("/")).geturl()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        url = value.get_secret_value().strip()
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises for a port that is no number)
+        except ValueError:
+            raise ValueError("is not a URL such as redis://127.0.0.1:6379/0") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if parts.scheme == "unix" and not parts.path:
+            raise ValueError("must name the socket, as in unix:///run/redis/redis.sock")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("must name the host, as in redis://127.0.0.1:6379/0")
+        if parts.scheme != "unix" and not re.fullmatch(r"(/[0-9]*)?", parts.path):
+            # redis-py would quietly use database 0 instead.
+            raise ValueError("must end with a database number, as in redis://127.0.0.1:6379/0")
+        return SecretStr(url)
 
     @model_validator(mode="after")
     def _secure_upstream(self) -> Settings:

@@ -10,9 +10,17 @@ import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from proxy import errors
 from proxy.config.keys import key_sha256
@@ -35,6 +43,7 @@ class ClientSpec(BaseModel):
     key_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
     permissions: frozenset[Permission]
     requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    reserved_per_minute: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("key_sha256")
     @classmethod
@@ -51,6 +60,15 @@ class ClientSpec(BaseModel):
         if not permissions:
             raise ValueError("name at least one of create, read, update, delete")
         return permissions
+
+    @model_validator(mode="after")
+    def _reserve_within_cap(self) -> ClientSpec:
+        reserved, cap = self.reserved_per_minute, self.requests_per_minute
+        if reserved is not None and cap is not None and reserved > cap:
+            raise ValueError(
+                f"reserved_per_minute ({reserved}) is more than requests_per_minute ({cap})"
+            )
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +102,14 @@ class ClientKeys:
             (spec.key_sha256.encode(), Client(name, spec.permissions, spec.requests_per_minute))
             for name, spec in specs.items()
         ]
+        # What the rate limit keeps back for each app that has a reservation.
+        self.reservations: Mapping[str, int] = MappingProxyType(
+            {
+                name: spec.reserved_per_minute
+                for name, spec in specs.items()
+                if spec.reserved_per_minute is not None
+            }
+        )
 
     def __len__(self) -> int:
         return len(self._clients)

@@ -110,6 +110,12 @@ def test_date_expiry_means_end_of_that_day_in_malaysia() -> None:
         ({"allow_insecure_upstream": "maybe"}, "INVOISX_PROXY_ALLOW_INSECURE_UPSTREAM: "),
         ({"api_token": None}, "INVOISX_API_TOKEN: set it, or INVOISX_API_TOKEN_FILE"),
         ({"api_token_file": "/run/secrets/token"}, "INVOISX_API_TOKEN: set either it"),
+        ({"redis_url": "http://redis:6379"}, "INVOISX_PROXY_REDIS_URL: must start with redis://"),
+        ({"redis_url": "redis://:6379/0"}, "INVOISX_PROXY_REDIS_URL: must name the host"),
+        ({"redis_url": "redis://redis:port/0"}, "INVOISX_PROXY_REDIS_URL: is not a URL"),
+        ({"redis_url": "unix://"}, "INVOISX_PROXY_REDIS_URL: must name the socket"),
+        ({"redis_url": "redis://redis/cache"}, "INVOISX_PROXY_REDIS_URL: must end with a database"),
+        ({"redis_timeout": 0}, "INVOISX_PROXY_REDIS_TIMEOUT: "),
     ],
 )
 def test_bad_settings_name_the_variable(values: dict[str, Any], line: str) -> None:

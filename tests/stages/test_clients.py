@@ -358,3 +358,35 @@ def test_sighup_does_not_apply_a_config_mid_write(
     assert _cancel(proxy.url).status_code == 403
     assert [line["event"] for line in proxy.lines()].count("config_reloaded") == 1
     assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("tables", "problem"),
+    [
+        (
+            config_block("a", BILLING_KEY, ["read"]) + "reserved_per_minute = 40\n"
+            + config_block("b", "ipk_second_app_key_0123456789", ["read"])
+            + "reserved_per_minute = 30\n",
+            "reserved_per_minute add up to 70, more than the token's limit of 60",
+        ),
+        (
+            config_block("a", BILLING_KEY, ["read"])
+            + "requests_per_minute = 5\nreserved_per_minute = 10\n",
+            "reserved_per_minute (10) is more than requests_per_minute (5)",
+        ),
+    ],
+    ids=["more-than-the-token", "more-than-the-app-may"],
+)  # fmt: skip
+def test_reservations_must_fit_the_limits(tmp_path: Path, tables: str, problem: str) -> None:
+    path = _write_clients(tmp_path / "proxy.toml", tables)
+    settings = load_settings(env_file=None, api_token=TOKEN, config=path)
+    with pytest.raises(ConfigError) as caught:
+        build_config(load_config_file(path), settings)
+    assert caught.value.setting == "INVOISX_PROXY_CONFIG"
+    assert problem in str(caught.value)
+    fits = _write_clients(
+        tmp_path / "fits.toml",
+        config_block("a", BILLING_KEY, ["read"]) + "reserved_per_minute = 60\n",
+    )
+    config = build_config(load_config_file(fits), load_settings(env_file=None, api_token=TOKEN))
+    assert dict(config.clients.reservations) == {"a": 60}
