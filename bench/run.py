@@ -391,7 +391,7 @@ def build_checks(
 ) -> list[Check]:
     mem = memory or {}
     after_first, after_all = mem.get("rss_after_first_mb"), mem.get("rss_after_total_mb")
-    drift = abs(after_all - after_first) if memory else None
+    drift = None if after_all is None or after_first is None else abs(after_all - after_first)
     total = mem.get("requests_total", bench.args.memory_requests + _FIRST_REQUESTS)
     checks = [
         check(

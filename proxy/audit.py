@@ -57,6 +57,7 @@ def request_line(
         "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
         "waited_ms": round(exchange.waited_ms, 3),
         "retries": exchange.retries,
+        "upstream_429s": exchange.throttled,
         "bytes_in": exchange.bytes_in,
         "bytes_out": exchange.bytes_out,
         "token_fingerprint": token_fingerprint,

@@ -60,6 +60,7 @@ class Exchange:
     ratelimit_remaining: bytes | None = None
     waited_ms: float = 0.0
     retries: int = 0
+    throttled: int = 0  # InvoisX's 429 answers to this call, retried attempts included
 
     def refused(self, error: ProxyError, bytes_out: int) -> None:
         """The proxy answered `error` itself (`bytes_out` body bytes)."""

@@ -46,6 +46,7 @@ FIELDS = {
     "upstream_ms",
     "waited_ms",
     "retries",
+    "upstream_429s",
     "bytes_in",
     "bytes_out",
     "token_fingerprint",

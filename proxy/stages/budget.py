@@ -203,6 +203,10 @@ class WindowBudget:
         so that this budget is fair from its first call when it has to stand in."""
         self._remember(now, client, calls)
 
+    def serves(self, client: str) -> bool:
+        """Whether `client` called lately (within the last few minutes)."""
+        return client in self._clients
+
     def place(self, per_minute: int, reset: float, used: int) -> None:
         """Set the limit and the window, keeping what is known of the clients."""
         self.per_minute, self.reset, self.used = per_minute, reset, used

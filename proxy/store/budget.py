@@ -175,7 +175,14 @@ class SharedBudget:
 
     def _take_apart(self, client: str, cap: int | None, reservations: Mapping[str, int]) -> Verdict:
         self._go_apart()
-        verdict = self._local.take(self._wall(), client, cap, reservations)
+        # A share holds back only for the apps this proxy serves: the others' proxies hold
+        # back for theirs, and a reservation kept where its app never calls is a share lost.
+        here = {
+            name: calls
+            for name, calls in reservations.items()
+            if name == client or self._local.serves(name)
+        }
+        verdict = self._local.take(self._wall(), client, cap, here)
         self._admitted_apart += not verdict.wait
         return verdict
 

@@ -162,7 +162,7 @@ class Forwarder:
                 raise failure(error) from error
             else:
                 try:
-                    delay = await self._learn(lease, admission, exchange.retries)
+                    delay = await self._learn(lease, admission, exchange)
                 except BaseException:
                     self._let_go(call, lease)
                     raise
@@ -174,12 +174,13 @@ class Forwarder:
             await asyncio.sleep(delay)
             exchange.waited_ms += await admission.admit() * 1000
 
-    async def _learn(self, lease: Lease, admission: Admission, retries: int) -> float | None:
+    async def _learn(self, lease: Lease, admission: Admission, exchange: Exchange) -> float | None:
         """Tell the rate limit what InvoisX answered; the seconds before a retry, or None."""
         connection = lease.connection
         headers = dict(connection.headers)
+        exchange.throttled += connection.status == 429
         await admission.learn(connection.status, headers)
-        return _retry_delay(connection.status, headers, retries)
+        return _retry_delay(connection.status, headers, exchange.retries)
 
     def _let_go(self, call: CallWatch, lease: Lease) -> None:
         """Stop watching the lease's connection for `call`, then give it back to the pool."""

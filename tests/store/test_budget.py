@@ -170,6 +170,28 @@ async def test_without_redis_each_proxy_admits_its_share_then_hands_back_what_it
     assert logs == []  # connections from before the restart were not reused
 
 
+async def test_apart_a_proxy_holds_back_only_for_the_apps_it_serves(
+    proxies: tuple[RedisServer, Proxies],
+) -> None:
+    server, make = proxies
+    here, there = make(2, 60)
+    for budget in (here, there, here):
+        await budget.heartbeat()
+    reserved = {"app": 12}
+    assert (await here.take("app", None, reserved)).wait == 0
+    assert await _admitted(there, "batch", 6) == 6  # it has seen 7 of 60 spent
+    assert await _admitted(here, "batch", 6) == 6  # and this one 13
+    server.stop()
+    there_batch = sum([not (await there.take("batch", None, reserved)).wait for _ in range(40)])
+    here_batch = sum([not (await here.take("batch", None, reserved)).wait for _ in range(40)])
+    here_app = sum([not (await here.take("app", None, reserved)).wait for _ in range(40)])
+    # Shares of 30: `there` never served the app, so its batch keeps back only 2 for newcomers;
+    # here the batch leaves the app at least its 12, and the app gets them.
+    assert there_batch == 30 - 4 - 2
+    assert here_app >= 12
+    assert here_batch + here_app == 30 - 7 - 2
+
+
 async def test_unreachable_at_start_means_running_on_a_share_not_failing(
     proxies: tuple[RedisServer, Proxies],
 ) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from proxy.config.keys import config_block
 from tests.conftest import ProxyProcess, RedisServer, Sandbox, StartRedis, subprocess_env
@@ -19,29 +20,43 @@ BATCH_KEY = "ipk_batch_job_key_0123456789"
 SCRIPT_KEY = "ipk_capped_script_key_0123456"
 
 
-def _spawn_three(
+ThreeProxies = Callable[[int], tuple[RedisServer, list[ProxyProcess]]]
+
+
+@pytest.fixture
+def three_proxies(
     tmp_path: Path,
-    sandbox: Sandbox,
-    redis: RedisServer,
+    start_sandbox_upstream: Callable[..., Sandbox],
+    start_redis: StartRedis,
     spawn_proxy: Callable[..., ProxyProcess],
-) -> list[ProxyProcess]:
-    config = tmp_path / "proxy.toml"
-    config.write_text(
-        config_block("batch", BATCH_KEY, ["read"])
-        + config_block("script", SCRIPT_KEY, ["read"])
-        + "requests_per_minute = 5\n"
-    )
-    return [
-        spawn_proxy(
-            INVOISX_API_URL=sandbox.url,
-            INVOISX_API_TOKEN=sandbox.token.value,
-            INVOISX_PROXY_CONFIG=str(config),
-            INVOISX_RATE_LIMIT_PER_MINUTE="60",
-            INVOISX_RATE_LIMIT_MAX_WAIT="2",
-            INVOISX_PROXY_REDIS_URL=redis.url,
+) -> ThreeProxies:
+    """Three proxy processes sharing a redis-server and a budget of 60 calls a minute, in
+    front of a sandbox allowing the given calls a minute; client keys `batch` and `script`
+    (at most 5 a minute)."""
+
+    def spawn(rate_limit: int) -> tuple[RedisServer, list[ProxyProcess]]:
+        sandbox = start_sandbox_upstream(rate_limit_per_minute=rate_limit)
+        redis = start_redis()
+        config = tmp_path / "proxy.toml"
+        config.write_text(
+            config_block("batch", BATCH_KEY, ["read"])
+            + config_block("script", SCRIPT_KEY, ["read"])
+            + "requests_per_minute = 5\n"
         )
-        for _ in range(3)
-    ]
+        proxies = [
+            spawn_proxy(
+                INVOISX_API_URL=sandbox.url,
+                INVOISX_API_TOKEN=sandbox.token.value,
+                INVOISX_PROXY_CONFIG=str(config),
+                INVOISX_RATE_LIMIT_PER_MINUTE="60",
+                INVOISX_RATE_LIMIT_MAX_WAIT="2",
+                INVOISX_PROXY_REDIS_URL=redis.url,
+            )
+            for _ in range(3)
+        ]
+        return redis, proxies
+
+    return spawn
 
 
 async def _burst(proxies: list[ProxyProcess], key: str, calls: int) -> list[httpx.Response]:
@@ -69,13 +84,9 @@ def _windows(started: float) -> int:
 
 
 def test_three_proxies_spend_one_budget_and_invoisx_never_refuses(
-    tmp_path: Path,
-    start_sandbox_upstream: Callable[..., Sandbox],
-    start_redis: StartRedis,
-    spawn_proxy: Callable[..., ProxyProcess],
+    three_proxies: ThreeProxies,
 ) -> None:
-    sandbox = start_sandbox_upstream(rate_limit_per_minute=60)
-    proxies = _spawn_three(tmp_path, sandbox, start_redis(), spawn_proxy)
+    _, proxies = three_proxies(60)
     started = time.time()
     responses = asyncio.run(_burst(proxies, BATCH_KEY, 150))
     windows = _windows(started)
@@ -99,14 +110,8 @@ def test_three_proxies_spend_one_budget_and_invoisx_never_refuses(
     )
 
 
-def test_a_client_limit_holds_across_proxies(
-    tmp_path: Path,
-    start_sandbox_upstream: Callable[..., Sandbox],
-    start_redis: StartRedis,
-    spawn_proxy: Callable[..., ProxyProcess],
-) -> None:
-    sandbox = start_sandbox_upstream(rate_limit_per_minute=60)
-    proxies = _spawn_three(tmp_path, sandbox, start_redis(), spawn_proxy)
+def test_a_client_limit_holds_across_proxies(three_proxies: ThreeProxies) -> None:
+    _, proxies = three_proxies(60)
     started = time.time()
     responses = asyncio.run(_burst(proxies, SCRIPT_KEY, 12))
     forwarded = [response.status_code for response in responses].count(200)
@@ -118,14 +123,9 @@ def _audit(proxy: ProxyProcess) -> list[dict[str, object]]:
 
 
 def test_an_outage_runs_each_proxy_on_its_share_and_recovery_comes_within_two_seconds(
-    tmp_path: Path,
-    start_sandbox_upstream: Callable[..., Sandbox],
-    start_redis: StartRedis,
-    spawn_proxy: Callable[..., ProxyProcess],
+    three_proxies: ThreeProxies,
 ) -> None:
-    sandbox = start_sandbox_upstream(rate_limit_per_minute=600)
-    redis = start_redis()
-    proxies = _spawn_three(tmp_path, sandbox, redis, spawn_proxy)
+    redis, proxies = three_proxies(600)
     first = proxies[0]
     time.sleep(1.5)  # a heartbeat from each: every proxy knows there are three
     ready = httpx.get(f"{first.url}/readyz").json()
@@ -140,7 +140,7 @@ def test_an_outage_runs_each_proxy_on_its_share_and_recovery_comes_within_two_se
         answer = httpx.get(f"{first.url}/readyz")
         assert answer.status_code == 200 and answer.json()["state_store"]["up"] is False
         assert "invoisx_proxy_state_store_up 0.0" in httpx.get(f"{first.url}/metrics").text
-        assert statuses == [200] * 5  # its share of 600 is 200
+        assert statuses == [200] * 5  # within its share, 20 of the proxies' 60
 
         redis.start()
         restarted = time.monotonic()

@@ -216,6 +216,7 @@ def test_get_is_retried_after_503_and_429(recorder: Upstream, start_proxy: objec
     assert len(stand_in.requests) == 3
     line = proxy.audit_of(response)
     assert (line["retries"], line["status"], line["decision"]) == (2, 200, "forwarded")
+    assert line["upstream_429s"] == 1
 
 
 def test_retries_stop_at_the_limit(recorder: Upstream, start_proxy: object) -> None:
@@ -225,6 +226,7 @@ def test_retries_stop_at_the_limit(recorder: Upstream, start_proxy: object) -> N
     response = httpx.get(f"{proxy.url}/api/v1/buyers")
     assert response.status_code == 503
     assert len(stand_in.requests) == 2
+    assert proxy.audit_of(response)["upstream_429s"] == 0
 
 
 def test_retry_after_is_honoured_within_the_timeout(
@@ -243,6 +245,7 @@ def test_retry_after_is_honoured_within_the_timeout(
     assert limited.status_code == 429
     assert limited.headers["retry-after"] == "60"
     assert time.monotonic() - started < 1
+    assert proxy.audit_of(limited)["upstream_429s"] == 1
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
