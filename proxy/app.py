@@ -33,10 +33,11 @@ from proxy.health import TokenHealth
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.pipeline import ProxyEndpoint
 from proxy.server.listener import ClientProtocol, client_protocol
-from proxy.stages.idempotency import BodyBudget, MemoryStore
+from proxy.stages.idempotency import BodyBudget, IdempotencyStore, MemoryStore
 from proxy.stages.limits import Limits
 from proxy.stages.ratelimit import Budget, MemoryBudget, RateLimiter
 from proxy.store.budget import SharedBudget
+from proxy.store.idempotency import LEASE_MARGIN, SharedIdempotency
 from proxy.store.state import StateStore, redis_client
 from proxy.upstream.forwarder import Forwarder
 
@@ -111,14 +112,15 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
         retry_max=settings.retry_max,
         client_timeout=settings.client_timeout,
     )
-    shared = _shared_budget(settings, tokens, audit.logger, metrics)
+    store = _state_store(settings, audit.logger, metrics)
+    shared = _shared_budget(settings, store, tokens, metrics)
     health = TokenHealth(
         tokens,
         forwarder=forwarder,
         metrics=metrics,
         log=audit.logger,
         probe_interval=settings.ready_probe_interval,
-        state_store=shared.describe if shared else None,
+        state_store=(shared.describe if shared else store.describe) if store else None,
     )
     endpoint = ProxyEndpoint(
         configs=configs,
@@ -129,11 +131,7 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
             client_timeout=settings.client_timeout,
         ),
         limiter=_limiter(settings, shared),
-        idempotency=MemoryStore(
-            ttl=settings.idempotency_ttl,
-            max_entries=settings.idempotency_max_entries,
-            max_bytes=settings.idempotency_max_bytes,
-        ),
+        idempotency=_idempotency(settings, store, audit.logger),
         bodies=BodyBudget(settings.max_buffered_bytes),
         forwarder=forwarder,
         health=health,
@@ -164,6 +162,8 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
             # Unreachable now is no reason not to start: the proxy runs on its share meanwhile.
             await shared.heartbeat()
             background.append(asyncio.create_task(shared.run()))
+        elif store is not None:
+            background.append(asyncio.create_task(store.watch()))
         try:
             with _on_sighup(partial(_poke, watches)):
                 async with forwarder:
@@ -172,8 +172,8 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            if shared is not None:
-                await shared.aclose()
+            if store is not None:
+                await store.aclose()
             log.info("shutdown", token_fingerprint=tokens.current.fingerprint)
             audit.close()
 
@@ -198,23 +198,51 @@ def create_app(settings: Settings, *, audit_to_stdout: bool = True) -> ProxyFirs
     return ProxyFirst(endpoint, app, protocol)
 
 
-def _shared_budget(
-    settings: Settings, tokens: TokenHolder, log: FilteringBoundLogger, metrics: Metrics
-) -> SharedBudget | None:
-    """The budget on Redis, when INVOISX_PROXY_REDIS_URL names one and a limit is set."""
-    if settings.redis_url is None or not settings.rate_limit_per_minute:
+def _state_store(
+    settings: Settings, log: FilteringBoundLogger, metrics: Metrics
+) -> StateStore | None:
+    """Redis, when INVOISX_PROXY_REDIS_URL names one."""
+    if settings.redis_url is None:
         return None
     try:
         redis = redis_client(settings.redis_url.get_secret_value(), settings.redis_timeout)
     except ValueError as error:
         raise ConfigError("INVOISX_PROXY_REDIS_URL", f"cannot be used: {error}") from None
-    store = StateStore(redis, timeout=settings.redis_timeout, log=log, metrics=metrics)
+    return StateStore(redis, timeout=settings.redis_timeout, log=log, metrics=metrics)
+
+
+def _shared_budget(
+    settings: Settings, store: StateStore | None, tokens: TokenHolder, metrics: Metrics
+) -> SharedBudget | None:
+    """The budget on Redis, when there is a Redis and a limit is set."""
+    if store is None or not settings.rate_limit_per_minute:
+        return None
     return SharedBudget(
         store,
         tokens,
         settings.rate_limit_per_minute,
         prefix=settings.redis_prefix,
         metrics=metrics,
+    )
+
+
+def _idempotency(
+    settings: Settings, store: StateStore | None, log: FilteringBoundLogger
+) -> IdempotencyStore:
+    """Idempotency-Keys on Redis when there is one, else in this process's memory."""
+    if store is None:
+        return MemoryStore(
+            ttl=settings.idempotency_ttl,
+            max_entries=settings.idempotency_max_entries,
+            max_bytes=settings.idempotency_max_bytes,
+        )
+    return SharedIdempotency(
+        store,
+        prefix=settings.redis_prefix,
+        # A claim outlives its call: the upstream timeout bounds the wait for InvoisX's answer.
+        lease=settings.upstream_timeout + LEASE_MARGIN,
+        ttl=settings.idempotency_ttl,
+        log=log,
     )
 
 

@@ -58,6 +58,7 @@ def request_line(
         "waited_ms": round(exchange.waited_ms, 3),
         "retries": exchange.retries,
         "upstream_429s": exchange.throttled,
+        "idempotency": exchange.idempotency,
         "bytes_in": exchange.bytes_in,
         "bytes_out": exchange.bytes_out,
         "token_fingerprint": token_fingerprint,

@@ -28,7 +28,8 @@ __all__ = [
 
 # `error` marks a failure inside the proxy itself (a bug), never a client or InvoisX problem;
 # `aborted` a call cut off because the proxy was shutting down; `replayed` an answer given
-# again for a repeated Idempotency-Key, without calling InvoisX.
+# again for a repeated Idempotency-Key, without calling InvoisX; `unavailable` a call not sent
+# because the store that guards it (Redis) did not answer.
 Decision = Literal[
     "forwarded",
     "replayed",
@@ -38,6 +39,7 @@ Decision = Literal[
     "rate_limited",
     "upstream_error",
     "aborted",
+    "unavailable",
     "error",
 ]
 
@@ -64,6 +66,8 @@ class ErrorCode(StrEnum):
     UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
     PROXY_BUSY = "PROXY_BUSY"
     IDEMPOTENCY_STORE_FULL = "IDEMPOTENCY_STORE_FULL"
+    IDEMPOTENCY_OUTCOME_UNKNOWN = "IDEMPOTENCY_OUTCOME_UNKNOWN"
+    IDEMPOTENCY_STORE_UNAVAILABLE = "IDEMPOTENCY_STORE_UNAVAILABLE"
     PROXY_SHUTTING_DOWN = "PROXY_SHUTTING_DOWN"
     UPSTREAM_TIMEOUT = "UPSTREAM_TIMEOUT"
     # Only in audit lines: the client left, so nobody got an answer (status 499).
@@ -386,6 +390,30 @@ def idempotency_store_full() -> ProxyError:
         503,
         ErrorCode.IDEMPOTENCY_STORE_FULL,
         "Too many calls with an Idempotency-Key are in flight. Try again shortly.",
+    )
+
+
+def idempotency_store_unavailable() -> ProxyError:
+    """503: the shared store of keys (Redis) does not answer; the call was not sent."""
+    return ProxyError(
+        503,
+        ErrorCode.IDEMPOTENCY_STORE_UNAVAILABLE,
+        "The store of Idempotency-Keys is unavailable, so the call was not sent (it could not "
+        "be guarded against a double submission). Try again shortly.",
+        decision="unavailable",
+        headers={"retry-after": "2"},
+    )
+
+
+def idempotency_outcome_unknown() -> ProxyError:
+    """409: the first call with this key was sent to InvoisX but its answer was lost."""
+    return ProxyError(
+        409,
+        ErrorCode.IDEMPOTENCY_OUTCOME_UNKNOWN,
+        "A call with this Idempotency-Key was sent to InvoisX but its answer was lost, so it "
+        "may or may not have taken effect. Look the document up in InvoisX before sending it "
+        "again, under a new Idempotency-Key.",
+        decision="replayed",
     )
 
 

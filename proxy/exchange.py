@@ -61,6 +61,9 @@ class Exchange:
     waited_ms: float = 0.0
     retries: int = 0
     throttled: int = 0  # InvoisX's 429 answers to this call, retried attempts included
+    sent: bool = False  # bytes of the request were handed to a connection to InvoisX
+    # With an Idempotency-Key: what became of the key (kept, released, unknown, replayed).
+    idempotency: str | None = None
 
     def refused(self, error: ProxyError, bytes_out: int) -> None:
         """The proxy answered `error` itself (`bytes_out` body bytes)."""

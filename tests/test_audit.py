@@ -47,6 +47,7 @@ FIELDS = {
     "waited_ms",
     "retries",
     "upstream_429s",
+    "idempotency",
     "bytes_in",
     "bytes_out",
     "token_fingerprint",

@@ -19,6 +19,8 @@ _AUDIT_ONLY = {ErrorCode.CLIENT_DISCONNECTED}
 # One call of every refusal constructor, with arguments of the shape the stages pass.
 _BUILT = {
     "not_http": errors.not_http(),
+    "idempotency_store_unavailable": errors.idempotency_store_unavailable(),
+    "idempotency_outcome_unknown": errors.idempotency_outcome_unknown(),
     "target_too_long": errors.target_too_long(8192),
     "framing_too_large": errors.framing_too_large(65536),
     "head_too_slow": errors.head_too_slow(10),

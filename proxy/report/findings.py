@@ -16,6 +16,7 @@ __all__ = ["KINDS", "SEVERITY_RANK", "Finding", "fails", "find", "plural"]
 SEVERITY_RANK: dict[Severity, int] = {"low": 1, "medium": 2, "high": 3}
 # Report order within one severity.
 KINDS = (
+    "outcome_unknown",
     "auth_failure",
     "new_client",
     "new_fingerprint",
@@ -75,6 +76,19 @@ def _auth_failures(tally: Tally, summary: Summary) -> Iterator[Finding]:
             "revoked, expired early or no longer linked to the company",
             _of(evidence),
             fingerprint=fingerprint,
+        )
+
+
+def _unknown_outcomes(tally: Tally) -> Iterator[Finding]:
+    for client, evidence in tally.unknown_outcomes.items():
+        yield _finding(
+            "high",
+            "outcome_unknown",
+            f"client {client!r}: {plural(evidence.count, 'call')} with an Idempotency-Key sent "
+            "to InvoisX and never answered: look these documents up in InvoisX before they "
+            "are sent again",
+            _of(evidence),
+            client=client,
         )
 
 
@@ -195,6 +209,7 @@ def find(
 ) -> list[Finding]:
     """Every finding, the most severe first."""
     findings = [
+        *_unknown_outcomes(tally),
         *_auth_failures(tally, summary),
         *_bursts(tally, options),
         *_refusals(tally, summary, options),

@@ -17,6 +17,7 @@ from proxy.report.records import UNKNOWN, Event, derive_route
 
 __all__ = [
     "AUTH_FAILURE_CODES",
+    "OUTCOME_UNKNOWN",
     "REFUSALS",
     "Activity",
     "Baseline",
@@ -34,6 +35,8 @@ __all__ = [
 # opposed to FORBIDDEN, which is about one call's permission.
 AUTH_FAILURE_CODES = frozenset({"UNAUTHORIZED", "TOKEN_EXPIRED", "COMPANY_ACCESS_DENIED"})
 REFUSALS = frozenset({"denied", "expired", "invalid"})
+# The error code of a repeat refused because its key's first call went unanswered.
+OUTCOME_UNKNOWN = "IDEMPOTENCY_OUTCOME_UNKNOWN"
 _ABSENT = object()
 # uvicorn's messages are events too, and some carry a pid or an address: bound the names kept.
 _MAX_EVENT_NAMES = 100
@@ -215,6 +218,7 @@ class Tally:
         self.auth_failures: dict[str, Evidence] = {}
         self.refusals: dict[str, Evidence] = {}
         self.deletions: dict[tuple[str, str], Evidence] = {}
+        self.unknown_outcomes: dict[str, Evidence] = {}
         # Minute -> within business hours; bounded by the minutes the log spans.
         self.business_minutes: dict[float, bool] = {}
 
@@ -254,6 +258,9 @@ class Tally:
             kind = deletion_kind(method, route)
             if kind is not None:
                 self._candidate(self.deletions, (client, kind), request_id)
+        # The lost call itself, not the repeats refused for it.
+        if fields.get("idempotency") == "unknown" and error_code != OUTCOME_UNKNOWN:
+            self._candidate(self.unknown_outcomes, client, request_id)
 
     def _candidate(self, table: dict[Any, Evidence], key: object, request_id: object) -> None:
         evidence = table.get(key)

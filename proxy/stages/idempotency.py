@@ -3,12 +3,19 @@
 A client may send `Idempotency-Key` on POST, PUT, PATCH and DELETE. The proxy remembers the key
 (per client) with a hash of the request; a repeat of the same request is answered from memory
 without calling InvoisX, a repeat still in flight waits for the first, and the same key on a
-different request is refused. Only completed answers are kept: after a 5xx, 408, 429, a
-refusal of the token itself or a broken connection the key is released so the client can try
-again. A client that leaves does not cut its call short: the answer is kept for its retry.
+different request is refused. A client that leaves does not cut its call short: the answer is
+kept for its retry.
 
-Storage sits behind `IdempotencyStore`; `MemoryStore` serves one proxy process. Replicas
-would need a shared implementation (Redis, say) of the same three methods.
+What a key becomes depends on how far its call got:
+- not sent (no connection, refused here): released, so the client can try again;
+- answered by InvoisX: kept, except after a 5xx, 408, 429 or a refusal of the token itself,
+  which release it;
+- sent but never answered (a timeout or a broken connection after the request went out, the
+  shutdown grace running out, a holder that died): kept as `unknown`, since InvoisX may have
+  acted. A repeat gets 409 and is never sent.
+
+Storage sits behind `IdempotencyStore`: `MemoryStore` for one proxy process, and
+`store.idempotency.SharedIdempotency` on Redis for replicas and restarts.
 """
 
 from __future__ import annotations
@@ -16,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from starlette.types import Scope, Send
 
@@ -35,6 +43,7 @@ __all__ = [
     "Capture",
     "IdempotencyStore",
     "MemoryStore",
+    "Outcome",
     "StoredResponse",
     "forward_once",
     "idempotency_key",
@@ -82,17 +91,23 @@ class Capture:
             self.body += chunk
 
 
+# What becomes of a claimed key: its answer kept, the key released, or its outcome unknown.
+Outcome = StoredResponse | Literal["released", "unknown"]
+
+
 class IdempotencyStore(Protocol):
     """Where keys and their answers live."""
 
-    async def claim(self, key: str, fingerprint: str) -> StoredResponse | None:
-        """None: the caller goes ahead and must `finish`. Else the stored answer to replay.
+    async def claim(self, key: str, fingerprint: str, owner: str) -> StoredResponse | None:
+        """None: the caller (`owner`, unique to its call) goes ahead and must `finish`. Else
+        the stored answer to replay.
 
-        Waits while the same key is in flight; raises 422 for the same key on another request.
+        Waits while the same key is in flight; raises 422 for the same key on another request,
+        409 when the key's outcome is unknown.
         """
 
-    def finish(self, key: str, response: StoredResponse | None) -> None:
-        """Keep `response` for the key, or release the key when None."""
+    async def finish(self, key: str, owner: str, outcome: Outcome) -> None:
+        """Record what became of the key's call, if `owner` still holds the key."""
 
 
 class BodyBudget:
@@ -150,9 +165,15 @@ def request_fingerprint(scope: Scope, body: bytes) -> str:
 @dataclass(slots=True)
 class _Entry:
     fingerprint: str
+    owner: str
     expires_at: float
     done: asyncio.Event = field(default_factory=asyncio.Event)
     response: StoredResponse | None = None
+    unknown: bool = False
+
+    @property
+    def settled(self) -> bool:
+        return self.response is not None or self.unknown
 
 
 class MemoryStore:
@@ -165,30 +186,34 @@ class MemoryStore:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
         self._bytes = 0
 
-    async def claim(self, key: str, fingerprint: str) -> StoredResponse | None:
+    async def claim(self, key: str, fingerprint: str, owner: str) -> StoredResponse | None:
         while True:
             self._expire(time.monotonic())
             entry = self._entries.get(key)
             if entry is None:
                 self._make_room()
-                self._entries[key] = _Entry(fingerprint, time.monotonic() + self._ttl)
+                self._entries[key] = _Entry(fingerprint, owner, time.monotonic() + self._ttl)
                 return None
             if entry.fingerprint != fingerprint:
                 raise errors.idempotency_key_reused()
+            if entry.unknown:
+                raise errors.idempotency_outcome_unknown()
             if entry.response is not None:
                 return entry.response
             # The first call is in flight: wait for its outcome, then look again.
             await entry.done.wait()
 
-    def finish(self, key: str, response: StoredResponse | None) -> None:
+    async def finish(self, key: str, owner: str, outcome: Outcome) -> None:
         entry = self._entries.get(key)
-        if entry is None:
+        if entry is None or entry.owner != owner:
             return
-        if response is None:
+        if outcome == "released":
             del self._entries[key]
+        elif outcome == "unknown":
+            entry.unknown = True
         else:
-            entry.response = response
-            self._bytes += _size(response)
+            entry.response = outcome
+            self._bytes += _size(outcome)
             self._evict_over_budget()
         entry.done.set()
 
@@ -197,7 +222,7 @@ class MemoryStore:
         for key, entry in self._entries.items():  # oldest first
             if entry.expires_at > now:
                 break
-            if entry.response is not None:  # a key in flight stays until it finishes
+            if entry.settled:  # a key in flight stays until it finishes
                 expired.append(key)
         for key in expired:
             self._drop(key)
@@ -213,7 +238,8 @@ class MemoryStore:
             pass
 
     def _drop_oldest_kept(self) -> bool:
-        # Keys still in flight are never dropped: their waiters depend on them.
+        # Keys in flight are never dropped, their waiters depend on them; nor keys whose outcome
+        # is unknown before their time: forgotten, they would let the call go out again.
         for key, entry in self._entries.items():
             if entry.response is not None:
                 self._drop(key)
@@ -231,11 +257,14 @@ def _size(response: StoredResponse) -> int:
     return len(response.body or b"") + sum(len(n) + len(v) for n, v in response.headers)
 
 
-def _keepable(capture: Capture, error_code: str | None) -> StoredResponse | None:
-    if not capture.complete or capture.status >= 500 or capture.status in _NOT_KEPT:
-        return None
-    if error_code in TOKEN_LEVEL_ERRORS:
-        return None  # about the token, not the request: a retry after a rotation must go out
+def _outcome(capture: Capture, exchange: Exchange) -> Outcome:
+    if not capture.complete:
+        # Sent and not (wholly) answered: InvoisX may have acted.
+        return "unknown" if exchange.sent else "released"
+    if capture.status >= 500 or capture.status in _NOT_KEPT:
+        return "released"
+    if exchange.error_code in TOKEN_LEVEL_ERRORS:
+        return "released"  # about the token, not the request: a retry after a rotation goes out
     body = None if capture.truncated else bytes(capture.body)
     return StoredResponse(capture.status, capture.headers, body)
 
@@ -258,13 +287,23 @@ async def forward_once(
     send: Send,
     exchange: Exchange,
 ) -> None:
-    """Replay the stored answer for `key`, or `forward` once and keep what it answered."""
-    stored = await store.claim(key, fingerprint)
+    """Replay the stored answer for `key`, or `forward` once and record what became of it."""
+    owner = secrets.token_hex(8)
+    try:
+        stored = await store.claim(key, fingerprint, owner)
+    except errors.ProxyError as error:
+        if error.error_code == errors.ErrorCode.IDEMPOTENCY_OUTCOME_UNKNOWN:
+            exchange.idempotency = "unknown"
+        raise
     if stored is not None:
+        exchange.idempotency = "replayed"
         await _replay(send, stored, exchange)
         return
     capture = Capture(MAX_KEPT_RESPONSE)
     try:
         await forward(capture)
     finally:
-        store.finish(key, _keepable(capture, exchange.error_code))
+        outcome = _outcome(capture, exchange)
+        exchange.idempotency = outcome if isinstance(outcome, str) else "kept"
+        # Recorded even when the call is cancelled (the shutdown grace ran out).
+        await asyncio.shield(store.finish(key, owner, outcome))

@@ -160,10 +160,6 @@ class SharedBudget:
         """For `/readyz`: whether Redis answers and how many proxies share the budget."""
         return {"kind": "redis", "up": self._store.up, "proxies": self.proxies}
 
-    async def aclose(self) -> None:
-        """Close the connections to Redis."""
-        await self._store.aclose()
-
     def _key(self, kind: str) -> str:
         return f"{self._prefix}{kind}:{self._tokens.current.fingerprint}"
 

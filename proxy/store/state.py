@@ -32,6 +32,7 @@ __all__ = ["StateStore", "redis_client"]
 
 # A heartbeat may take longer than a command: it is also how a new connection gets made.
 _PROBE_TIMEOUT = 1.0
+_WATCH_INTERVAL = 1.0
 _TIMEOUTS_TO_OPEN = 3
 _SILENCE_TO_OPEN = 1.0  # seconds without a success, with timeouts, before the breaker opens
 _CONNECTIONS = 8
@@ -97,6 +98,25 @@ class StateStore:
             "state_store_recovered", down_seconds=round(time.monotonic() - self._down_since, 3)
         )
 
+    def describe(self) -> dict[str, object]:
+        """For `/readyz`: whether Redis answers."""
+        return {"kind": "redis", "up": self.up}
+
+    async def watch(self) -> None:
+        """Try Redis again every second while the breaker is open, until cancelled (the
+        heartbeat of a proxy that keeps only its Idempotency-Keys there)."""
+        while True:
+            await asyncio.sleep(_WATCH_INTERVAL)
+            if self.up:
+                continue
+            await self.reconnect()
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT):
+                    await self._redis.ping()
+            except (TimeoutError, RedisError, OSError):
+                continue
+            self.recovered()
+
     async def reconnect(self) -> None:
         """Drop every connection, so the next command makes a new one."""
         await self._redis.connection_pool.disconnect()
@@ -135,5 +155,6 @@ class StateStore:
         self._log.warning(
             "state_store_unavailable",
             reason=reason,
-            fallback="each proxy admits its share of the budget until Redis answers",
+            fallback="until Redis answers, each proxy admits its share of the budget and "
+            "calls with an Idempotency-Key get 503",
         )

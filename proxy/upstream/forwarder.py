@@ -117,7 +117,10 @@ class Forwarder:
         """Send `request` (its first attempt admitted within `call`'s watch), relay the
         answer; `capture` keeps a copy of it. Raises `ProxyError` when it fails before the
         answer started."""
-        lease = await self._send_with_retries(request, call, exchange, admission)
+        # A call whose answer is kept (Idempotency-Key) goes on a new connection: on a reused
+        # one, InvoisX closing it while idle would leave the call's outcome unknown.
+        fresh = capture is not None
+        lease = await self._send_with_retries(request, call, exchange, admission, fresh=fresh)
         # Waits for the rate limit or a connection are not InvoisX's.
         elapsed = (time.perf_counter() - call.started) * 1000
         exchange.upstream_ms = elapsed - (exchange.waited_ms - call.waited_before)
@@ -133,13 +136,14 @@ class Forwarder:
         call: CallWatch,
         exchange: Exchange,
         admission: Admission,
+        *,
+        fresh: bool,
     ) -> Lease:
-        """Send, retrying only what cannot have taken effect twice (see `Request`); each
-        attempt after the first is admitted by the rate limit again. Retries end with the
-        upstream timeout, counted from the call's first rate-limit wait."""
+        """Send (on a new connection if `fresh`), retrying only what cannot have taken effect
+        twice (see `Request`); each attempt after the first is admitted by the rate limit
+        again. Retries end with the upstream timeout, counted from the call's first wait."""
         deadline = call.started + self._timeout
         retries_left = self._retry_max if request.retryable else 0
-        fresh = False
         delay: float | None
         while True:
             try:
@@ -195,6 +199,7 @@ class Forwarder:
         exchange.waited_ms += lease.waited * 1000
         connection = lease.connection
         call.use(connection)
+        exchange.sent = True  # from here on InvoisX may get the request, or part of it
         try:
             if isinstance(request.body, Upload):
                 connection.send(request.head, last=False)

@@ -56,6 +56,7 @@ def request(
     decision: str = "forwarded",
     error_code: str | None = None,
     fingerprint: str = NEW,
+    idempotency: str | None = None,
 ) -> str:
     line = {
         "timestamp": when,
@@ -77,6 +78,7 @@ def request(
         "bytes_in": 0,
         "bytes_out": 10,
         "token_fingerprint": fingerprint,
+        "idempotency": idempotency,
     }
     return json.dumps(line)
 
@@ -738,3 +740,52 @@ def test_a_quiet_log_lists_what_it_has_and_says_none_for_the_rest(tmp_path: Path
     ]
     assert sections["Token"][0] == "Token fingerprints"
     assert sections["Token"][2].split()[:2] == [NEW, "2"]
+
+
+def test_calls_whose_outcome_is_unknown_are_a_high_finding_listing_them(tmp_path: Path) -> None:
+    submit = "/invoices/{id}/submit"
+    lines = [
+        request(
+            at(25, 9, 0),
+            "lost-1",
+            "billing",
+            "POST",
+            submit,
+            status=504,
+            decision="upstream_error",
+            error_code="UPSTREAM_TIMEOUT",
+            idempotency="unknown",
+        ),
+        request(
+            at(25, 9, 1),
+            "lost-2",
+            "billing",
+            "POST",
+            submit,
+            status=503,
+            decision="aborted",
+            error_code="PROXY_SHUTTING_DOWN",
+            idempotency="unknown",
+        ),
+        # The repeats refused for them, and a call that went well, are not findings.
+        request(
+            at(25, 9, 2),
+            "repeat",
+            "billing",
+            "POST",
+            submit,
+            status=409,
+            decision="replayed",
+            error_code="IDEMPOTENCY_OUTCOME_UNKNOWN",
+            idempotency="unknown",
+        ),
+        request(at(25, 9, 3), "fine", "billing", "POST", submit, status=201, idempotency="kept"),
+    ]
+    path = tmp_path / "audit.log"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    findings = report_of(path)["findings"]
+    (lost,) = [finding for finding in findings if finding["kind"] == "outcome_unknown"]
+    assert lost["severity"] == "high" and lost["client"] == "billing"
+    assert lost["request_ids"] == ["lost-1", "lost-2"] and lost["evidence_count"] == 2
+    assert findings[0] == lost  # first among the high ones
+    assert "look these documents up in InvoisX" in lost["message"]

@@ -14,15 +14,17 @@ import pytest
 
 from proxy.config.settings import ConfigError
 from proxy.server.serving import bind
-from tests.conftest import TOKEN, ProxyProcess, Recorder, Reply
+from tests.conftest import TOKEN, ProxyProcess, Recorder, Reply, StartRedis
 
 
-def _call_in_background(url: str) -> tuple[threading.Thread, list[httpx.Response | Exception]]:
+def _call_in_background(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[threading.Thread, list[httpx.Response | Exception]]:
     outcome: list[httpx.Response | Exception] = []
 
     def call() -> None:
         try:
-            outcome.append(httpx.get(url, timeout=30))
+            outcome.append(httpx.request(method, url, headers=headers, timeout=30))
         except httpx.HTTPError as error:
             outcome.append(error)
 
@@ -87,6 +89,38 @@ def test_grace_period_bounds_the_wait(
     assert [(line["status"], line["decision"]) for line in audit] == [(503, "aborted")]
     assert "Traceback" not in proxy.output_path.read_text()
     assert "shutdown" in [line["event"] for line in proxy.lines()]
+
+
+def test_an_idempotent_call_cut_off_by_the_grace_period_is_never_sent_again(
+    recorder: tuple[Recorder, str],
+    spawn_proxy: Callable[..., ProxyProcess],
+    start_redis: StartRedis,
+) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = lambda request: Reply(delay=20)
+    settings = {
+        "INVOISX_API_TOKEN": TOKEN,
+        "INVOISX_API_URL": upstream,
+        "INVOISX_TOKEN_PERMISSIONS": "create,read,update,delete",
+        "INVOISX_PROXY_REDIS_URL": start_redis().url,
+    }
+    proxy = spawn_proxy(**settings, INVOISX_PROXY_SHUTDOWN_GRACE="0.5")
+    submit = f"{proxy.url}/api/v1/invoices/inv_1/submit"
+    thread, outcome = _call_in_background(submit, "POST", {"Idempotency-Key": "cut-off"})
+    _wait_for_requests(stand_in, 1)
+    assert proxy.stop(timeout=10) == 0
+    thread.join()
+    response = outcome[0]
+    assert isinstance(response, httpx.Response) and response.status_code == 503
+    (line,) = [line for line in proxy.lines() if line["event"] == "request"]
+    assert (line["decision"], line["idempotency"]) == ("aborted", "unknown")
+    # InvoisX may have acted: after a restart the repeat is refused, not sent.
+    again = spawn_proxy(**settings)
+    repeat = httpx.post(
+        f"{again.url}/api/v1/invoices/inv_1/submit", headers={"Idempotency-Key": "cut-off"}
+    )
+    assert (repeat.status_code, repeat.json()["error_code"]) == (409, "IDEMPOTENCY_OUTCOME_UNKNOWN")
+    assert len(stand_in.requests) == 1
 
 
 @pytest.mark.parametrize(

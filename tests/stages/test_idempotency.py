@@ -6,8 +6,9 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +16,8 @@ import pytest
 from proxy.config.keys import config_block
 from proxy.errors import ProxyError
 from proxy.stages.idempotency import MemoryStore, StoredResponse
-from tests.conftest import Recorded, Recorder, Reply, RunningProxy
+from tests.conftest import Recorded, Recorder, Reply, RunningProxy, StartRedis, free_port
+from tests.faulty import FaultServer, running_fault_server
 from tests.wire import RawResponse, assert_proxy_error, parse_response
 
 SUBMIT = "/api/v1/invoices/inv_1/submit"
@@ -147,30 +149,149 @@ def test_memory_store_is_bounded_in_bytes_count_and_time() -> None:
     async def scenario() -> None:
         store = MemoryStore(ttl=60, max_entries=3, max_bytes=250)
         for key in ("a", "b", "c"):
-            assert await store.claim(key, "f") is None
-            store.finish(key, _stored(100))  # "c" takes the bytes over 250: "a" goes
-        assert await store.claim("a", "f") is None  # forgotten: a new first call
-        store.finish("a", None)
-        assert await store.claim("b", "f") == _stored(100)
-        assert await store.claim("d", "f") is None  # b, c, d: full
-        assert await store.claim("e", "f") is None  # the oldest kept answer ("b") goes
-        assert await store.claim("b", "f") is None
+            assert await store.claim(key, "f", "o") is None
+            await store.finish(key, "o", _stored(100))  # "c" takes the bytes over 250: "a" goes
+        assert await store.claim("a", "f", "o") is None  # forgotten: a new first call
+        await store.finish("a", "o", "released")
+        assert await store.claim("b", "f", "o") == _stored(100)
+        assert await store.claim("d", "f", "o") is None  # b, c, d: full
+        assert await store.claim("e", "f", "o") is None  # the oldest kept answer ("b") goes
+        assert await store.claim("b", "f", "o") is None
 
         brief = MemoryStore(ttl=0.2, max_entries=10, max_bytes=1000)
-        assert await brief.claim("k", "f") is None
-        brief.finish("k", _stored(10))
+        assert await brief.claim("k", "f", "o") is None
+        await brief.finish("k", "o", _stored(10))
         await asyncio.sleep(0.25)
-        assert await brief.claim("k", "f") is None  # expired
+        assert await brief.claim("k", "f", "o") is None  # expired
 
         # Keys in flight are never evicted: with every slot in flight, a new key is refused.
         busy = MemoryStore(ttl=60, max_entries=2, max_bytes=1000)
         for key in ("x", "y"):
-            assert await busy.claim(key, "f") is None
+            assert await busy.claim(key, "f", "o") is None
         with pytest.raises(ProxyError) as caught:
-            await busy.claim("z", "f")
+            await busy.claim("z", "f", "o")
         assert (caught.value.status, caught.value.error_code) == (503, "IDEMPOTENCY_STORE_FULL")
 
+        # Nor keys whose outcome is unknown: forgotten, they would let the call go out again.
+        lost = MemoryStore(ttl=60, max_entries=2, max_bytes=1000)
+        assert await lost.claim("u", "f", "o") is None
+        await lost.finish("u", "o", "unknown")
+        assert await lost.claim("v", "f", "o") is None
+        await lost.finish("v", "o", _stored(10))
+        assert await lost.claim("w", "f", "o") is None  # "v" went, not "u"
+        with pytest.raises(ProxyError) as caught:
+            await lost.claim("u", "f", "o")
+        assert (caught.value.status, caught.value.error_code) == (
+            409,
+            "IDEMPOTENCY_OUTCOME_UNKNOWN",
+        )
+
     asyncio.run(scenario())
+
+
+async def _unknown_after_waiting(store: MemoryStore) -> None:
+    assert await store.claim("k", "f", "o") is None
+    waiter = asyncio.create_task(store.claim("k", "f", "other"))
+    await asyncio.sleep(0.01)
+    await store.finish("k", "other", "released")  # not its owner: no effect
+    await asyncio.sleep(0.01)
+    await store.finish("k", "o", "unknown")
+    with pytest.raises(ProxyError) as caught:
+        await waiter
+    assert caught.value.error_code == "IDEMPOTENCY_OUTCOME_UNKNOWN"
+
+
+def test_a_repeat_waiting_for_a_call_that_went_unanswered_gets_409() -> None:
+    asyncio.run(_unknown_after_waiting(MemoryStore(ttl=60, max_entries=10, max_bytes=1000)))
+
+
+@pytest.fixture
+def fault() -> Iterator[FaultServer]:
+    """A stand-in InvoisX that misbehaves on demand (`tests.faulty`); it outlives the proxy."""
+    with running_fault_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_settings(request: pytest.FixtureRequest, start_redis: StartRedis) -> dict[str, Any]:
+    """The proxy's settings for keys in its memory, or on a redis-server of the test's own."""
+    return {} if request.param == "memory" else {"redis_url": start_redis().url}
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        ("slow", 504),  # sent, then no answer within the upstream timeout
+        ("reset", 502),  # sent, then the connection was reset before any answer
+        ("reset-mid-body", 502),  # the answer broke off halfway
+    ],
+)
+def test_a_call_sent_and_never_answered_is_never_sent_again(
+    kind: str,
+    status: int,
+    fault: FaultServer,
+    store_settings: dict[str, Any],
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    proxy = start_proxy(
+        f"http://127.0.0.1:{fault.port}/api/v1", upstream_timeout=0.3, **store_settings
+    )
+    url = f"{proxy.url}/api/v1/fault/{kind}"
+    headers = {"Idempotency-Key": f"lost-{kind}"}
+    first = httpx.post(url, content=b"{}", headers=headers, timeout=10)
+    again = httpx.post(url, content=b"{}", headers=headers, timeout=10)
+    assert fault.requests[kind] == 1
+    assert first.status_code == status
+    assert again.status_code == 409
+    assert again.json()["error_code"] == "IDEMPOTENCY_OUTCOME_UNKNOWN"
+    assert "Look the document up in InvoisX" in again.json()["message"]
+    assert proxy.audit_of(first)["idempotency"] == "unknown"
+    repeat = proxy.audit_of(again)
+    assert (repeat["decision"], repeat["idempotency"]) == ("replayed", "unknown")
+
+
+def test_a_call_that_never_left_releases_its_key(
+    store_settings: dict[str, Any], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    # Nothing listens there: the connection is refused before a byte of the request is sent.
+    proxy = start_proxy(f"http://127.0.0.1:{free_port()}/api/v1", **store_settings)
+    responses = [_post(proxy, "never-sent") for _ in range(2)]
+    for response in responses:  # the repeat went out again, and failed the same way
+        assert (response.status_code, response.json()["error_code"]) == (
+            502,
+            "UPSTREAM_UNAVAILABLE",
+        )
+        assert proxy.audit_of(response)["idempotency"] == "released"
+
+
+def test_a_call_with_a_key_goes_on_a_new_connection(
+    fault: FaultServer, store_settings: dict[str, Any], start_proxy: Callable[..., RunningProxy]
+) -> None:
+    proxy = start_proxy(f"http://127.0.0.1:{fault.port}/api/v1", **store_settings)
+    # Leaves a kept-alive connection that InvoisX hangs up on at its next request.
+    assert httpx.get(f"{proxy.url}/api/v1/fault/close-next").status_code == 200
+    response = httpx.post(
+        f"{proxy.url}/api/v1/fault/ok", content=b"{}", headers={"Idempotency-Key": "new"}
+    )
+    assert fault.requests["ok"] == 1
+    assert response.status_code == 200
+    assert proxy.audit_of(response)["idempotency"] == "kept"
+
+
+def test_answers_are_kept_and_replayed_in_either_store(
+    store_settings: dict[str, Any],
+    recorder: tuple[Recorder, str],
+    start_proxy: Callable[..., RunningProxy],
+) -> None:
+    stand_in, upstream = recorder
+    stand_in.reply = _submitted
+    proxy = start_proxy(upstream, **store_settings)
+    first, again = _post(proxy, "kept"), _post(proxy, "kept")
+    assert (again.status_code, again.content) == (201, SUBMITTED)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert [proxy.audit_of(r)["idempotency"] for r in (first, again)] == ["kept", "replayed"]
+    assert _post(proxy, "kept", b'{"other":1}').status_code == 422
+    assert len(stand_in.requests) == 1
 
 
 def test_a_client_leaving_mid_body_is_logged_and_keeps_no_key(

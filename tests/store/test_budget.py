@@ -30,6 +30,7 @@ async def proxies(start_redis: StartRedis) -> AsyncIterator[tuple[RedisServer, P
     own client, connections and metrics."""
     server = start_redis()
     made: list[SharedBudget] = []
+    stores: list[StateStore] = []
 
     def make(count: int, per_minute: int, **options: Any) -> list[SharedBudget]:
         for _ in range(count):
@@ -41,14 +42,15 @@ async def proxies(start_redis: StartRedis) -> AsyncIterator[tuple[RedisServer, P
                 log=structlog.get_logger(),
                 metrics=metrics,
             )
+            stores.append(store)
             made.append(
                 SharedBudget(store, tokens, per_minute, prefix="t:", metrics=metrics, **options)
             )
         return made[-count:]
 
     yield server, make
-    for budget in made:
-        await budget.aclose()
+    for store in stores:
+        await store.aclose()
 
 
 async def _admitted(budget: SharedBudget, client: str, tries: int) -> int:
